@@ -1,0 +1,211 @@
+"""The frozen teacher: a SigLIP two-tower image-text model, plus SigLIP's sigmoid loss.
+
+Parameter names and shapes follow big_vision's `proj/image_text/two_towers.py` as used by the
+public SigLIP checkpoints (model_cfg: image=dict(variant, pool_type='map'),
+text=dict(variant, vocab_size), out_dim=(None, D), temperature_init=10, bias_init=-10):
+
+  img/embedding/{kernel [p,p,3,D], bias}     img/pos_embedding [1, N, D]  (learned)
+  img/Transformer/encoderblock_{i}/...       img/Transformer/encoder_norm
+  img/MAPHead_0/{probe [1,1,D], MultiHeadDotProductAttention_0, LayerNorm_0, MlpBlock_0}
+  img/head (only with an image out_dim)
+  txt/Embed_0/embedding [V, D]   txt/pos_embedding [1, L, D]   txt/Encoder_0/...   txt/head
+  t [1] (log temperature)   b [1] (bias)
+
+As in big_vision, the text tower has no attention mask and pools the LAST token (SigLIP pads
+with the sticky EOS token); images are expected in [-1, 1].
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from clusterstm_jax.models import common
+
+_part = nn.with_logical_partitioning
+
+
+class _ImageTower(nn.Module):
+  """big_vision ViT with pool_type='map'. Attribute names below ARE the param names."""
+  dims: dict
+  image_size: Any
+  out_dim: int | None
+  dropout: float
+  dtype: Any
+
+  def setup(self):
+    d, p = self.dims["width"], self.dims["patch_size"]
+    n = common.num_patches(self.image_size, p)
+    self.embedding = nn.Conv(
+        d, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+        kernel_init=_part(nn.initializers.lecun_normal(), (None, None, None, "embed")),
+        bias_init=_part(nn.initializers.zeros, ("embed",)))
+    self.pos_embedding = self.param(
+        "pos_embedding", _part(nn.initializers.normal(stddev=1 / np.sqrt(d)),
+                               (None, None, "embed")), (1, n, d), jnp.float32)
+    self.Transformer = common.Encoder(  # pylint: disable=invalid-name
+        self.dims["depth"], self.dims["mlp_dim"], self.dims["num_heads"], self.dropout,
+        dtype=self.dtype)
+    self.MAPHead_0 = common.MAPHead(  # pylint: disable=invalid-name
+        self.dims["mlp_dim"], self.dims["num_heads"], dtype=self.dtype)
+    self.embed_dropout = nn.Dropout(rate=self.dropout)
+    if self.out_dim:
+      # big_vision zero-initialises the classification/projection head.
+      self.head = nn.Dense(self.out_dim, dtype=self.dtype,
+                           kernel_init=_part(nn.initializers.zeros, ("embed", None)),
+                           bias_init=_part(nn.initializers.zeros, (None,)))
+
+  def pool(self, tokens, mask=None):
+    """MAP head (+ head if any) on [M, k, D] tokens -> [M, out]."""
+    x = self.MAPHead_0(tokens, mask)
+    return (self.head(x) if self.out_dim else x), x
+
+  def __call__(self, images, *, train: bool = False):
+    x = self.embedding(images.astype(self.dtype))
+    n, h, w, d = x.shape
+    x = jnp.reshape(x, (n, h * w, d)) + self.pos_embedding.astype(x.dtype)
+    x = self.embed_dropout(x, deterministic=not train)
+    tokens, enc = self.Transformer(x, deterministic=not train)
+    z, pre_logits = self.pool(tokens)
+    return z, {"tokens": tokens, "pre_logits": pre_logits, "encoder": enc}
+
+
+class _TextTower(nn.Module):
+  """big_vision text_transformer with pool_type='last'."""
+  dims: dict
+  vocab_size: int
+  text_len: int
+  out_dim: int | None
+  dropout: float
+  dtype: Any
+
+  def setup(self):
+    d = self.dims["width"]
+    self.Embed_0 = nn.Embed(  # pylint: disable=invalid-name
+        self.vocab_size, d, dtype=self.dtype,
+        embedding_init=_part(nn.initializers.variance_scaling(1.0, "fan_in", "normal",
+                                                              out_axis=0), ("vocab", "embed")))
+    self.pos_embedding = self.param(
+        "pos_embedding", _part(nn.initializers.normal(stddev=1 / np.sqrt(d)),
+                               (None, None, "embed")), (1, self.text_len, d), jnp.float32)
+    self.Encoder_0 = common.Encoder(  # pylint: disable=invalid-name
+        self.dims["depth"], self.dims["mlp_dim"], self.dims["num_heads"], self.dropout,
+        dtype=self.dtype)
+    if self.out_dim:
+      self.head = nn.Dense(self.out_dim, dtype=self.dtype,
+                           kernel_init=_part(nn.initializers.lecun_normal(), ("embed", None)),
+                           bias_init=_part(nn.initializers.zeros, (None,)))
+
+  def __call__(self, ids, *, train: bool = False):
+    x = self.Embed_0(ids) + self.pos_embedding.astype(self.dtype)
+    x, _ = self.Encoder_0(x, deterministic=not train)
+    x = x[:, -1]  # 'last' pooling: the sticky EOS token
+    return self.head(x) if self.out_dim else x
+
+
+class SigLIP(nn.Module):
+  """Two-tower SigLIP teacher.
+
+  out_dim: None -> SigLIP's (None, image width): no image head, text head to the image width;
+  an int -> both towers get a head of that size; a pair (img, txt), either may be None.
+  text_variant: size name of the text tower (default: the image variant's name).
+  Outputs are NOT normalised; `sigmoid_loss` normalises.
+  """
+  variant: str = "Pico/8"
+  image_size: int | tuple[int, int] = 224
+  vocab_size: int = 32_000
+  text_len: int = 64
+  out_dim: Any = None
+  text_variant: str | None = None
+  width: int | None = None
+  depth: int | None = None
+  mlp_dim: int | None = None
+  num_heads: int | None = None
+  patch_size: int | None = None
+  dropout: float = 0.0
+  temperature_init: float = 10.0
+  bias_init: float = -10.0
+  dtype: Any = jnp.float32
+
+  def _dims(self):
+    img = common.resolve_dims(self.variant, width=self.width, depth=self.depth,
+                              mlp_dim=self.mlp_dim, num_heads=self.num_heads,
+                              patch_size=self.patch_size)
+    if img["patch_size"] is None:
+      raise ValueError(f"SigLIP needs a patch size, e.g. variant 'B/16'; got {self.variant!r}")
+    txt = common.resolve_dims(self.text_variant or self.variant.split("/")[0])
+    if self.out_dim is None:
+      out = (None, img["width"])
+    elif isinstance(self.out_dim, int):
+      out = (self.out_dim, self.out_dim)
+    else:
+      out = tuple(self.out_dim)
+    if len(out) != 2:
+      raise ValueError(f"out_dim must be None, an int or an (image, text) pair, got {self.out_dim}")
+    if (out[0] or img["width"]) != (out[1] or txt["width"]):
+      raise ValueError(f"image and text embeddings differ in size: out_dim={out}, widths "
+                       f"{img['width']}/{txt['width']}")
+    return img, txt, out
+
+  def setup(self):
+    img, txt, out = self._dims()
+    self.img = _ImageTower(img, self.image_size, out[0], self.dropout, self.dtype)
+    self.txt = _TextTower(txt, self.vocab_size, self.text_len, out[1], self.dropout, self.dtype)
+    t0, b0 = float(np.log(self.temperature_init)), float(self.bias_init)
+    self.t = self.param("t", _part(lambda k, s, dt: jnp.full(s, t0, dt), (None,)), (1,),
+                        jnp.float32)
+    self.b = self.param("b", _part(lambda k, s, dt: jnp.full(s, b0, dt), (None,)), (1,),
+                        jnp.float32)
+
+  def encode_image(self, images, *, train: bool = False):
+    """images [N,H,W,3] in [-1,1] -> (zimg [N,D], aux): aux['tokens'] [N,n,D] is the
+    encoder_norm output before pooling, aux['pre_logits'] the MAP output before the head,
+    aux['encoder'] the per-block outputs ('block{i:02d}', 'pre_ln')."""
+    size = ((self.image_size,) * 2 if isinstance(self.image_size, int)
+            else tuple(self.image_size))
+    if images.ndim != 4 or tuple(images.shape[1:]) != (*size, 3):
+      raise ValueError(f"images must be [N, {size[0]}, {size[1]}, 3], got shape {images.shape}")
+    return self.img(images, train=train)
+
+  def encode_text(self, ids, *, train: bool = False):
+    """ids [N, text_len] int -> ztxt [N, D] (last-token pooled, through the text head)."""
+    if ids.ndim != 2 or ids.shape[1] != self.text_len:
+      raise ValueError(f"ids must be [N, {self.text_len}], got shape {ids.shape}")
+    return self.txt(ids, train=train)
+
+  def map_pool(self, tokens, mask=None):
+    """The image tower's MAP head (+ image head, if any) on arbitrary token sets:
+    tokens [M, k, D] (e.g. a token and its spatial neighbours), mask [M, k] (True = use)
+    -> [M, D], in the same space as encode_image's zimg."""
+    if tokens.ndim != 3:
+      raise ValueError(f"map_pool tokens must be [M, k, D], got shape {tokens.shape}")
+    return self.img.pool(tokens, mask)[0]
+
+  def __call__(self, images, ids, *, train: bool = False):
+    """-> (zimg, ztxt, aux) unnormalised; aux: 't' (log temperature) and 'b' params [1],
+    'img/<key>' for encode_image's aux."""
+    zimg, aux_img = self.encode_image(images, train=train)
+    ztxt = self.encode_text(ids, train=train)
+    aux = {f"img/{k}": v for k, v in aux_img.items()}
+    aux.update(t=self.t, b=self.b)
+    return zimg, ztxt, aux
+
+
+def sigmoid_loss(zimg, ztxt, t, b):
+  """SigLIP's pairwise sigmoid loss. zimg, ztxt [N, D] (unnormalised; L2-normalised here),
+  t: log temperature, b: bias (scalars or shape [1]). logits = <zi, zt> * exp(t) + b;
+  +1 labels on the diagonal, -1 elsewhere; summed over texts, averaged over images."""
+  if zimg.ndim != 2 or zimg.shape != ztxt.shape:
+    raise ValueError(f"zimg and ztxt must both be [N, D], got {zimg.shape} and {ztxt.shape}")
+  zi = zimg.astype(jnp.float32)
+  zt = ztxt.astype(jnp.float32)
+  zi = zi / (jnp.linalg.norm(zi, axis=-1, keepdims=True) + 1e-8)
+  zt = zt / (jnp.linalg.norm(zt, axis=-1, keepdims=True) + 1e-8)
+  t = jnp.reshape(jnp.asarray(t, jnp.float32), ())
+  b = jnp.reshape(jnp.asarray(b, jnp.float32), ())
+  logits = zi @ zt.T * jnp.exp(t) + b
+  labels = 2.0 * jnp.eye(zi.shape[0], dtype=jnp.float32) - 1.0
+  return -jnp.mean(jnp.sum(jax.nn.log_sigmoid(labels * logits), axis=-1))
