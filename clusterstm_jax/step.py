@@ -1,0 +1,275 @@
+"""Builds the model, optimizer, sharded state and the jitted train / eval steps.
+
+One home for "teacher -> mask -> student -> losses -> update": train.py, the benchmarks, the
+compile report and the tests all build their steps here, so what is measured is what is trained.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from clusterstm_jax import objectives
+from clusterstm_jax import sharding as sharding_lib
+from clusterstm_jax.masking import stats as mask_stats
+from clusterstm_jax.masking import strategies as masking
+from clusterstm_jax.models import clusterstm as clusterstm_lib
+from clusterstm_jax.models import common as common_lib
+from clusterstm_jax.models import siglip as siglip_lib
+
+State = dict  # {'step': int32[], 'params': pytree, 'opt_state': pytree}
+
+
+def normalize_video(video):
+  """uint8 [..., 3] -> float32 in [-1, 1] (done on device: the host ships bytes, not floats)."""
+  return video.astype(jnp.float32) * (2.0 / 255.0) - 1.0
+
+
+def patch_size(config) -> int:
+  return common_lib.parse_variant(config.model.vision_variant)[1]
+
+
+def grid(config) -> tuple[int, int, int]:
+  """(T, h, w) token grid of the student (and teacher: both use the same patch grid)."""
+  n = config.data.image_size // patch_size(config)
+  return config.data.num_frames, n, n
+
+
+def make_model(config, vocab_size: int) -> clusterstm_lib.ClusterSTM:
+  return clusterstm_lib.ClusterSTM(config=config.model, vocab_size=vocab_size,
+                                   num_frames=config.data.num_frames,
+                                   image_size=config.data.image_size,
+                                   max_text_len=config.data.max_text_len)
+
+
+def make_siglip(config, vocab_size: int) -> siglip_lib.SigLIP:
+  return siglip_lib.SigLIP(variant=config.model.vision_variant,
+                           text_variant=config.model.text_variant,
+                           image_size=config.data.image_size, vocab_size=vocab_size,
+                           text_len=config.data.max_text_len,
+                           out_dim=config.model.get('embed_dim'))
+
+
+def siglip_init_inputs(config):
+  s, l = config.data.image_size, config.data.max_text_len
+  return (jnp.zeros((2, s, s, 3), jnp.float32), jnp.zeros((2, l), jnp.int32))
+
+
+def abstract_params(model, inputs):
+  """Boxed (logically partitioned) abstract params: shapes first, no allocation."""
+  return jax.eval_shape(
+      lambda r: model.init({'params': r, 'dropout': r}, *inputs)['params'], jax.random.key(0))
+
+
+def make_optimizer(config, total_steps: int, warmup_steps: int):
+  o = config.optax
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=o.lr, warmup_steps=max(warmup_steps, 1),
+      decay_steps=max(total_steps, warmup_steps + 1), end_value=o.lr * o.min_lr_ratio)
+  # No weight decay on biases, norms, the temperature and position tables of rank < 2.
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  tx = optax.chain(
+      optax.clip_by_global_norm(o.grad_clip_norm),
+      optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.wd, mask=decay_mask))
+  return tx, schedule
+
+
+def dummy_batch(config, batch_size: int) -> dict[str, np.ndarray]:
+  """A batch of the pipeline's shapes and dtypes (used for init and compilation)."""
+  t, s, l = config.data.num_frames, config.data.image_size, config.data.max_text_len
+  return dict(video=np.zeros((batch_size, t, s, s, 3), np.uint8),
+              text=np.zeros((batch_size, l), np.int32),
+              labels=np.zeros((batch_size, t, s, s), np.uint8),
+              index=np.zeros((batch_size,), np.int32))
+
+
+@dataclasses.dataclass
+class Task:
+  """What differs between the student (clusterstm) and teacher (siglip) trainings."""
+  model: nn.Module
+  init_inputs: tuple
+  loss_fn: Callable      # (params, batch, rng, teacher_params) -> (loss, metrics)
+  encode_video: Callable  # (params, video uint8 [B,T,H,W,3]) -> normalised [B,T,E]
+  encode_text: Callable   # (params, ids [B,L]) -> normalised [B,E]
+
+
+def make_task(config, vocab_size: int, teacher=None) -> Task:
+  task = config.get('task', 'clusterstm')
+  if task == 'clusterstm':
+    return _clusterstm_task(config, vocab_size, teacher)
+  if task == 'siglip':
+    return _siglip_task(config, vocab_size)
+  raise ValueError(f'unknown task {task!r}; known: clusterstm, siglip')
+
+
+def _clusterstm_task(config, vocab_size, teacher) -> Task:
+  model = make_model(config, vocab_size)
+  t, h, w = grid(config)
+  n = h * w
+  patch = patch_size(config)
+  def loss_fn(params, batch, rng, teacher_params):
+    mask_rng, dropout_rng = jax.random.split(rng)
+    video = normalize_video(batch['video'])
+    b = video.shape[0]
+    features = None
+    if teacher is not None and config.mask.strategy in masking.CLUSTER_STRATEGIES:
+      features = jax.lax.stop_gradient(teacher.frame_tokens(teacher_params, video))
+    mask = masking.mask_from_config(config.mask, mask_rng, (b, t, n), features)
+    out = model.apply({'params': params}, video, batch['text'], mask.keep_idx, train=True,
+                      rngs={'dropout': dropout_rng})
+    sim = objectives.video_text_similarity(out['video_feat'], out['text_feat'])
+    vtc = objectives.vtc_loss(sim, out['temperature'])
+    loss = config.loss_weights.vtc * vtc
+    metrics = dict(vtc=vtc, temperature=out['temperature'])
+    token_obj = mask_stats.token_objects(batch['labels'], patch)
+    metrics.update({f'mask/{k}': v for k, v in
+                    mask_stats.mask_stats(mask.keep_mask, token_obj).items()})
+    return loss, metrics
+
+  def encode_video(params, video):
+    return model.apply({'params': params}, normalize_video(video), None,
+                       method=model.encode_video)[0]
+
+  def encode_text(params, ids):
+    return model.apply({'params': params}, ids, method=model.encode_text)[0]
+
+  s, l = config.data.image_size, config.data.max_text_len
+  inputs = (jnp.zeros((2, t, s, s, 3), jnp.float32), jnp.zeros((2, l), jnp.int32))
+  return Task(model, inputs, loss_fn, encode_video, encode_text)
+
+
+def _siglip_task(config, vocab_size) -> Task:
+  """The teacher's own training: every frame of a clip is an image paired with its caption."""
+  model = make_siglip(config, vocab_size)
+
+  def embed_frames(params, video, train, rngs=None):
+    b, t = video.shape[:2]
+    zimg, _ = model.apply({'params': params}, video.reshape(b * t, *video.shape[2:]),
+                          train=train, rngs=rngs, method=model.encode_image)
+    return zimg.reshape(b, t, -1)
+
+  def loss_fn(params, batch, rng, teacher_params):
+    del teacher_params
+    rngs = {'dropout': rng}
+    zimg = embed_frames(params, normalize_video(batch['video']), True, rngs)
+    ztxt = model.apply({'params': params}, batch['text'], train=True, rngs=rngs,
+                       method=model.encode_text)
+    loss = objectives.sigmoid_loss_frames(zimg, ztxt, params['t'], params['b'])
+    return loss, dict(sigmoid=loss, log_t=params['t'][0], bias=params['b'][0])
+
+  def encode_video(params, video):
+    return objectives.l2_normalize(embed_frames(params, normalize_video(video), False))
+
+  def encode_text(params, ids):
+    return objectives.l2_normalize(model.apply({'params': params}, ids,
+                                               method=model.encode_text))
+
+  return Task(model, siglip_init_inputs(config), loss_fn, encode_video, encode_text)
+
+
+@dataclasses.dataclass
+class Trainer:
+  """Everything a run needs to step: the task, optimizer, mesh, shardings and jitted functions."""
+  config: ml_collections.ConfigDict
+  task: Task
+  tx: optax.GradientTransformation
+  schedule: Callable
+  mesh: jax.sharding.Mesh
+  rules: Any
+  state_shardings: Any
+  abstract_state: Any
+  train_step: Callable   # (state, batch, base_key) -> (state, metrics)
+  init_state: Callable   # (rng) -> state, born sharded
+  encode_video: Callable  # jitted, replicated output
+  encode_text: Callable
+  teacher: Any = None     # frozen teacher; its params are passed to the step, never trained
+
+
+def state_layout(task: Task, tx, mesh, rules):
+  """Shapes first: (init_params, state shardings, abstract state), nothing allocated."""
+  repl = sharding_lib.replicated(mesh)
+
+  def init_params(rng):
+    return task.model.init({'params': rng, 'dropout': rng}, *task.init_inputs)['params']
+
+  boxed = jax.eval_shape(init_params, jax.random.key(0))
+  param_shardings = sharding_lib.tree_shardings(boxed, mesh, rules)
+  abstract_params_ = nn.unbox(boxed)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params_)
+  opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_shardings,
+                                        transform_non_params=lambda _: repl)
+  state_shardings = dict(step=repl, params=param_shardings, opt_state=opt_shardings)
+  abstract_state = dict(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params_,
+                        opt_state=abstract_opt)
+  return init_params, state_shardings, abstract_state
+
+
+def build_trainer(config, *, vocab_size: int, mesh, total_steps: int, warmup_steps: int,
+                  teacher=None) -> Trainer:
+  if (config.get('task', 'clusterstm') == 'clusterstm'
+      and config.mask.strategy in masking.CLUSTER_STRATEGIES and teacher is None):
+    raise ValueError(f'mask.strategy={config.mask.strategy!r} needs a teacher (config.teacher)')
+  task = make_task(config, vocab_size, teacher)
+  tx, schedule = make_optimizer(config, total_steps, warmup_steps)
+  rules = sharding_lib.logical_rules(config.sharding_rules)
+  repl = sharding_lib.replicated(mesh)
+  init_params, state_shardings, abstract_state = state_layout(task, tx, mesh, rules)
+
+  def _init(rng):
+    params = nn.unbox(init_params(rng))
+    return dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  def train_step(state, batch, base_key, teacher_params):
+    # Randomness from (base key, step): a resumed run replays exactly the same masks/dropout.
+    rng = jax.random.fold_in(base_key, state['step'])
+    (loss, metrics), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(
+        state['params'], batch, rng, teacher_params)
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    metrics.update(loss=loss, lr=schedule(state['step']),
+                   grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params),
+                   update_norm=optax.global_norm(updates))
+    return dict(step=state['step'] + 1, params=params, opt_state=opt_state), metrics
+
+  example = dummy_batch(config, 2)
+  batch_shard = {k: sharding_lib.batch_sharding(mesh, v.ndim) for k, v in example.items()}
+  teacher_shardings = teacher.param_shardings if teacher is not None else None
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    init_state = jax.jit(_init, out_shardings=state_shardings)
+    jitted = jax.jit(train_step,
+                     in_shardings=(state_shardings, batch_shard, repl, teacher_shardings),
+                     out_shardings=(state_shardings, repl), donate_argnums=(0,))
+    enc_v = jax.jit(task.encode_video, out_shardings=repl)
+    enc_t = jax.jit(task.encode_text, out_shardings=repl)
+  teacher_params = teacher.params if teacher is not None else None
+
+  def under_mesh(fn):
+    def wrapped(*args):
+      with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        return fn(*args)
+    return wrapped
+
+  return Trainer(config=config, task=task, tx=tx, schedule=schedule, mesh=mesh, rules=rules,
+                 state_shardings=state_shardings, abstract_state=abstract_state,
+                 train_step=under_mesh(lambda s, b, k: jitted(s, b, k, teacher_params)),
+                 init_state=under_mesh(init_state), encode_video=under_mesh(enc_v),
+                 encode_text=under_mesh(enc_t), teacher=teacher)
+
+
+def restore_params(config, ckpt_dir: str, step: int, mesh, vocab_size: int):
+  """Params only, from a training checkpoint (export, evaluation)."""
+  from clusterstm_jax import checkpointing
+  task = make_task(config, vocab_size)
+  tx, _ = make_optimizer(config, 1, 0)
+  rules = sharding_lib.logical_rules(config.sharding_rules)
+  _, shardings, abstract_state = state_layout(task, tx, mesh, rules)
+  manager = checkpointing.make_manager(ckpt_dir, read_only=True, async_save=False,
+                                       with_data=False)
+  abstract = checkpointing.abstract_with_shardings(abstract_state, shardings)
+  return checkpointing.restore(manager, step, abstract)['params']

@@ -1,0 +1,226 @@
+r"""Pretraining entry point.
+
+  python -m clusterstm_jax.train --config=configs/pretrain.py [--workdir=DIR] [--config.x=y]
+
+Sections: setup -> mesh -> data -> teacher -> model and optimizer (born sharded) -> restore ->
+loop (log, checkpoint) -> final zero-shot retrieval. Running the same command again in the same
+workdir resumes from the latest checkpoint, or reports that the run is complete.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py[:arg]).',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'Where checkpoints, logs and results go. Default: '
+                    'workdirs/<config name>[_<arg>].')
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-process runs).')
+flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-process runs).')
+flags.DEFINE_integer('process_id', None, 'This process (multi-process runs).')
+flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() with auto-detection '
+                  '(TPU pods).')
+
+
+def default_workdir(config_path: str) -> str:
+  name, _, arg = config_path.partition(':')
+  stem = os.path.splitext(os.path.basename(name))[0]
+  suffix = '_' + arg.replace(',', '_').replace('=', '-').replace('/', '-') if arg else ''
+  return os.path.join('workdirs', stem + suffix)
+
+
+def init_distributed() -> None:
+  import jax
+  if FLAGS.num_processes and FLAGS.num_processes > 1:
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  elif FLAGS.distributed:
+    jax.distributed.initialize()
+
+
+def main(argv) -> None:
+  del argv
+  from clusterstm_jax.errors import UserError
+  config = FLAGS.config
+  if config is None:
+    raise app.UsageError('--config is required, e.g. --config=configs/pretrain.py')
+  workdir = FLAGS.workdir or default_workdir(config_flags.get_config_filename(FLAGS['config']))
+  if not FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # library INFO chatter (orbax, tfds) off by default
+  try:
+    init_distributed()
+    train_and_evaluate(config, workdir)
+  except UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Runs (or resumes) training in `workdir`; returns the final evaluation results."""
+  import jax
+  import numpy as np
+  import tqdm
+
+  from clusterstm_jax import checkpointing
+  from clusterstm_jax import config_lib
+  from clusterstm_jax import sharding as sharding_lib
+  from clusterstm_jax import step as step_lib
+  from clusterstm_jax.data import pipeline
+  from clusterstm_jax.metric_writer import MetricWriter
+
+  # --- setup ---
+  is_main = jax.process_index() == 0
+  if is_main:
+    os.makedirs(workdir, exist_ok=True)
+  logging.info('workdir %s, %d processes, %d devices', workdir, jax.process_count(),
+               jax.device_count())
+
+  # --- mesh ---
+  mesh = sharding_lib.make_mesh(config.mesh)
+  config_lib.validate(config, sharding_lib.batch_size_per_shard(mesh), jax.process_count())
+
+  # --- data ---
+  train_size = len(pipeline.get_source(config.data, config.data.train_split))
+  tokenizer = pipeline.get_tokenizer(config.data)
+  total_steps = config_lib.steps('total', config, data_size=train_size,
+                                 batch_size=config.batch_size)
+  warmup_steps = config_lib.steps('warmup', config, data_size=train_size,
+                                  batch_size=config.batch_size, default=0)
+  train_loader = pipeline.make_train_loader(
+      config.data, tokenizer, global_batch_size=config.batch_size, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  train_iter = iter(train_loader)
+
+  # --- teacher (frozen; its params never enter the train state) ---
+  teacher = None
+  if config.get('teacher') is not None and config.teacher.get('enabled', True):
+    from clusterstm_jax import teacher as teacher_lib
+    teacher = teacher_lib.load_teacher(config, mesh)
+
+  # --- model and optimizer, born sharded ---
+  trainer = step_lib.build_trainer(config, vocab_size=tokenizer.vocab_size, mesh=mesh,
+                                   total_steps=total_steps, warmup_steps=warmup_steps,
+                                   teacher=teacher)
+
+  # --- restore: own workdir -> config.resume -> config.init -> scratch ---
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  manager = checkpointing.make_manager(
+      ckpt_dir, max_to_keep=config.keep_checkpoints, async_save=config.async_checkpointing)
+  abstract = checkpointing.abstract_with_shardings(trainer.abstract_state,
+                                                   trainer.state_shardings)
+  state = None
+  if manager.latest_step() is not None:
+    step0 = manager.latest_step()
+    logging.info('resuming from %s step %d', ckpt_dir, step0)
+    state = checkpointing.restore(manager, step0, abstract, train_iter)
+  elif config.resume:
+    rdir, rstep = checkpointing.resolve_checkpoint_path(config.resume)
+    logging.info('resuming from %s step %d', rdir, rstep)
+    state = checkpointing.restore(checkpointing.make_manager(rdir, read_only=True,
+                                                             async_save=False),
+                                  rstep, abstract, train_iter)
+  else:
+    state = trainer.init_state(jax.random.key(config.seed))
+    if config.init:
+      from clusterstm_jax import export as export_lib
+      state['params'] = export_lib.load_params_into(config.init, state['params'])
+  step = int(state['step'])
+
+  results_path = os.path.join(workdir, 'results.json')
+  if step >= total_steps:
+    print(f'run already complete: {workdir} is at step {step} of {total_steps}.')
+    if os.path.exists(results_path):
+      with open(results_path) as f:
+        results = json.load(f)
+      _print_results(results, is_main)
+      manager.close()
+      return results
+
+  # --- loop ---
+  writer = MetricWriter(workdir)
+  base_key = jax.random.key(config.seed + 1)
+  bar = tqdm.tqdm(total=total_steps, initial=step, disable=not is_main, dynamic_ncols=True,
+                  desc='train', file=sys.stdout)
+  t_last, step_last = time.perf_counter(), step
+  last_metrics = None
+  stop_at = total_steps if config.halt_at_step < 0 else min(config.halt_at_step, total_steps)
+  while step < stop_at:
+    batch = sharding_lib.global_batch(next(train_iter), mesh)
+    state, metrics = trainer.train_step(state, batch, base_key)
+    step += 1
+    bar.update(1)
+    if step % config.log_every_steps == 0 or step == total_steps:
+      metrics = jax.device_get(metrics)
+      if not all(math.isfinite(float(v)) for v in metrics.values()):
+        bad = sorted(k for k, v in metrics.items() if not math.isfinite(float(v)))
+        manager.wait_until_finished()
+        raise FloatingPointError(
+            f'non-finite {bad} between steps {step_last} and {step}; the last good '
+            f'checkpoint is step {manager.latest_step()} in {ckpt_dir}')
+      now = time.perf_counter()
+      metrics['examples_per_sec'] = (step - step_last) * config.batch_size / (now - t_last)
+      t_last, step_last = now, step
+      writer.write(step, metrics)
+      bar.set_postfix(loss=f"{metrics['loss']:.3f}", refresh=False)
+      last_metrics = metrics
+    if step % config.checkpoint_every_steps == 0 or step == stop_at:
+      checkpointing.save(manager, step, state, config, train_iter)
+  bar.close()
+  manager.wait_until_finished()
+  manager.close()
+  if step < total_steps:
+    print(f'halted at step {step} of {total_steps} (halt_at_step); run again to resume.')
+    writer.close()
+    return {'step': step, 'halted': True}
+
+  # --- final evaluation ---
+  results = run_evals(config, trainer, state['params'], tokenizer, mesh)
+  results['step'] = step
+  if last_metrics is not None:
+    results['final_train_loss'] = float(last_metrics['loss'])
+  writer.write(step, {f'eval/{k}': v for k, v in results.items()
+                      if isinstance(v, (int, float))})
+  writer.close()
+  if is_main:
+    with open(results_path + '.tmp', 'w') as f:
+      json.dump(results, f, indent=1)
+    os.replace(results_path + '.tmp', results_path)
+  _print_results(results, is_main)
+  return results
+
+
+def run_evals(config, trainer, params, tokenizer, mesh) -> dict:
+  import jax
+  from clusterstm_jax.data import pipeline
+  from clusterstm_jax.evaluators import retrieval
+
+  loader = pipeline.make_eval_loader(
+      config.data, tokenizer, split=config.data.eval_split,
+      global_batch_size=config.eval_batch_size, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  metrics = retrieval.evaluate(iter(loader), mesh, trainer.encode_video, trainer.encode_text,
+                               params)
+  return {f'zeroshot_{k}': float(v) for k, v in metrics.items()}
+
+
+def _print_results(results: dict, is_main: bool) -> None:
+  from clusterstm_jax.evaluators import metrics as metrics_lib
+  if not is_main:
+    return
+  table = {k[len('zeroshot_'):]: v for k, v in results.items() if k.startswith('zeroshot_')}
+  print('\nZero-shot text-video retrieval on the test split:')
+  print(metrics_lib.format_table(table))
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config'])
+  app.run(main)
