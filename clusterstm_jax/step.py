@@ -69,9 +69,10 @@ def abstract_params(model, inputs):
 
 def make_optimizer(config, total_steps: int, warmup_steps: int):
   o = config.optax
+  warmup = max(warmup_steps, 1)
   schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=o.lr, warmup_steps=max(warmup_steps, 1),
-      decay_steps=max(total_steps, warmup_steps + 1), end_value=o.lr * o.min_lr_ratio)
+      init_value=0.0, peak_value=o.lr, warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1), end_value=o.lr * o.min_lr_ratio)
   # No weight decay on biases, norms, the temperature and position tables of rank < 2.
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
   tx = optax.chain(
@@ -87,6 +88,14 @@ def dummy_batch(config, batch_size: int) -> dict[str, np.ndarray]:
               text=np.zeros((batch_size, l), np.int32),
               labels=np.zeros((batch_size, t, s, s), np.uint8),
               index=np.zeros((batch_size,), np.int32))
+
+
+def needs_teacher(config) -> bool:
+  """The student needs teacher features for cluster masking and for the MRM target."""
+  if config.get('task', 'clusterstm') != 'clusterstm':
+    return False
+  return (config.mask.strategy in masking.CLUSTER_STRATEGIES
+          or config.loss_weights.get('mrm', 0.0) > 0)
 
 
 @dataclasses.dataclass

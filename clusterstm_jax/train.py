@@ -102,7 +102,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # --- teacher (frozen; its params never enter the train state) ---
   teacher = None
-  if config.get('teacher') is not None and config.teacher.get('enabled', True):
+  if step_lib.needs_teacher(config):
     from clusterstm_jax import teacher as teacher_lib
     teacher = teacher_lib.load_teacher(config, mesh)
 

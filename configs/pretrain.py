@@ -15,7 +15,7 @@ from clusterstm_jax.masking.strategies import default_mask_config
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, smoke=False, mask='random', steps=-1, ratio=0.85)
+  arg = config_lib.parse_arg(arg, smoke=False, mask='clusterstm', steps=-1, ratio=0.85)
   config = ml_collections.ConfigDict()
   common.training_config(config)
 
@@ -36,6 +36,13 @@ def get_config(arg=None):
   config.mask.strategy = arg.mask
   config.mask.ratio = arg.ratio
 
+  # The frozen teacher whose tokens drive the cluster masking (and the MRM target). With no
+  # export given, it is trained once with `config` into `workdir` and reused after.
+  config.teacher = ml_collections.ConfigDict()
+  config.teacher.export = ''
+  config.teacher.workdir = 'workdirs/teacher'
+  config.teacher.config = 'configs/teacher.py'
+
   config.loss_weights = ml_collections.ConfigDict(dict(vtc=1.0))
 
   config.batch_size = 64
@@ -49,6 +56,8 @@ def get_config(arg=None):
 
   if arg.smoke:
     config.data.builder_config = 'tiny'
+    config.teacher.workdir = 'workdirs/teacher_smoke'
+    config.teacher.config = 'configs/teacher.py:smoke'
     config.model.vision_variant = 'Pico/8'
     config.model.text_variant = 'Pico'
     config.model.text_depth = 2
