@@ -6,6 +6,7 @@ compile report and the tests all build their steps here, so what is measured is 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -15,6 +16,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from clusterstm_jax import losses as losses_lib
 from clusterstm_jax import objectives
 from clusterstm_jax import sharding as sharding_lib
 from clusterstm_jax.masking import stats as mask_stats
@@ -108,34 +110,87 @@ class Task:
   encode_text: Callable   # (params, ids [B,L]) -> normalised [B,E]
 
 
-def make_task(config, vocab_size: int, teacher=None) -> Task:
+def make_task(config, text: 'TextSpec', teacher=None) -> Task:
   task = config.get('task', 'clusterstm')
   if task == 'clusterstm':
-    return _clusterstm_task(config, vocab_size, teacher)
+    return _clusterstm_task(config, text, teacher)
   if task == 'siglip':
-    return _siglip_task(config, vocab_size)
+    return _siglip_task(config, text.vocab_size)
   raise ValueError(f'unknown task {task!r}; known: clusterstm, siglip')
 
 
-def _clusterstm_task(config, vocab_size, teacher) -> Task:
-  model = make_model(config, vocab_size)
+@dataclasses.dataclass(frozen=True)
+class TextSpec:
+  """The tokenizer facts the losses need (MLM masking); no tokenizer object inside jit."""
+  vocab_size: int
+  pad_id: int = 0
+  cls_id: int = 2
+  eos_id: int = 3
+  mask_id: int = 4
+
+  @classmethod
+  def from_tokenizer(cls, tok) -> 'TextSpec':
+    return cls(tok.vocab_size, tok.pad_id, tok.cls_id, tok.eos_id, tok.mask_id)
+
+
+def _clusterstm_task(config, text: TextSpec, teacher) -> Task:
+  model = make_model(config, text.vocab_size)
   t, h, w = grid(config)
   n = h * w
   patch = patch_size(config)
+  weights = config.loss_weights
+  use = {k: float(weights.get(k, 0.0)) > 0 for k in ('vtc', 'vtm', 'mlm', 'mrm')}
+  if use['mrm'] and not config.model.decoder.out_dim:
+    raise ValueError('loss_weights.mrm > 0 needs model.decoder.out_dim (the teacher width)')
+
   def loss_fn(params, batch, rng, teacher_params):
-    mask_rng, dropout_rng = jax.random.split(rng)
+    mask_rng, dropout_rng, vtm_rng, mlm_rng = jax.random.split(rng, 4)
     video = normalize_video(batch['video'])
+    ids = batch['text']
     b = video.shape[0]
+    apply = functools.partial(model.apply, {'params': params}, rngs={'dropout': dropout_rng})
+
+    # Teacher: all tokens of every frame (no gradient), used by the masking and the MRM target.
     features = None
-    if teacher is not None and config.mask.strategy in masking.CLUSTER_STRATEGIES:
+    if teacher is not None:
       features = jax.lax.stop_gradient(teacher.frame_tokens(teacher_params, video))
     mask = masking.mask_from_config(config.mask, mask_rng, (b, t, n), features)
-    out = model.apply({'params': params}, video, batch['text'], mask.keep_idx, train=True,
-                      rngs={'dropout': dropout_rng})
-    sim = objectives.video_text_similarity(out['video_feat'], out['text_feat'])
-    vtc = objectives.vtc_loss(sim, out['temperature'])
-    loss = config.loss_weights.vtc * vtc
-    metrics = dict(vtc=vtc, temperature=out['temperature'])
+
+    # Student on the visible tokens only.
+    video_feat, tokens = apply(video, mask.keep_idx, train=True, method=model.encode_video)
+    text_feat, hidden = apply(ids, train=True, method=model.encode_text)
+    temperature = apply(method=model.temperature)
+    sim = objectives.video_text_similarity(video_feat, text_feat)
+    terms = {'vtc': objectives.vtc_loss(sim, temperature)}
+
+    if use['vtm']:
+      # Pairs [positive; negative video for each text; negative text for each video].
+      neg_text, neg_video = losses_lib.sample_hard_negatives(sim / temperature, vtm_rng)
+      hid3 = jnp.concatenate([hidden, hidden, hidden[neg_text]])
+      ids3 = jnp.concatenate([ids, ids, ids[neg_text]])
+      tok3 = jnp.concatenate([tokens, tokens[neg_video], tokens])
+      fused = apply(hid3, ids3, tok3, train=True, method=model.fuse)
+      logits = apply(fused, method=model.vtm_logits)
+      terms['vtm'] = losses_lib.vtm_loss(logits)
+    if use['mlm']:
+      masked_ids, targets, mlm_w = losses_lib.mlm_mask(
+          ids, mlm_rng, mask_id=text.mask_id, vocab_size=text.vocab_size,
+          special_ids=(text.pad_id, text.cls_id, text.eos_id))
+      _, masked_hidden = apply(masked_ids, train=True, method=model.encode_text)
+      fused = apply(masked_hidden, masked_ids, tokens, train=True, method=model.fuse)
+      terms['mlm'] = losses_lib.mlm_loss(apply(fused, method=model.mlm_logits), targets, mlm_w)
+    if use['mrm']:
+      k = config.mrm.window
+      pooled = teacher.relevance_tokens(teacher_params, features, (h, w), k)
+      text_emb = jax.lax.stop_gradient(teacher.text_embedding(teacher_params, ids))
+      in_batch = config.mrm.in_batch
+      target = losses_lib.relevance_target(pooled, text_emb, in_batch=in_batch)
+      decoded = apply(tokens, mask.keep_idx, (t, h, w), train=True, method=model.decode)
+      student = losses_lib.student_relevance(decoded, text_emb, in_batch=in_batch)
+      terms['mrm'] = losses_lib.mrm_loss(student, target, mask.keep_mask)
+
+    loss = sum(weights.get(k, 0.0) * v for k, v in terms.items() if use[k] or k == 'vtc')
+    metrics = dict(terms, temperature=temperature)
     token_obj = mask_stats.token_objects(batch['labels'], patch)
     metrics.update({f'mask/{k}': v for k, v in
                     mask_stats.mask_stats(mask.keep_mask, token_obj).items()})
@@ -198,6 +253,7 @@ class Trainer:
   encode_video: Callable  # jitted, replicated output
   encode_text: Callable
   teacher: Any = None     # frozen teacher; its params are passed to the step, never trained
+  lower: Callable = None  # (batch_size) -> jax.stages.Lowered of the train step, no data needed
 
 
 def state_layout(task: Task, tx, mesh, rules):
@@ -219,12 +275,14 @@ def state_layout(task: Task, tx, mesh, rules):
   return init_params, state_shardings, abstract_state
 
 
-def build_trainer(config, *, vocab_size: int, mesh, total_steps: int, warmup_steps: int,
-                  teacher=None) -> Trainer:
+def build_trainer(config, *, mesh, total_steps: int, warmup_steps: int, teacher=None,
+                  vocab_size: int | None = None, text: TextSpec | None = None) -> Trainer:
+  """`text` (or just `vocab_size`, with default special ids) describes the tokenizer."""
+  text = text or TextSpec(vocab_size)
   if (config.get('task', 'clusterstm') == 'clusterstm'
       and config.mask.strategy in masking.CLUSTER_STRATEGIES and teacher is None):
     raise ValueError(f'mask.strategy={config.mask.strategy!r} needs a teacher (config.teacher)')
-  task = make_task(config, vocab_size, teacher)
+  task = make_task(config, text, teacher)
   tx, schedule = make_optimizer(config, total_steps, warmup_steps)
   rules = sharding_lib.logical_rules(config.sharding_rules)
   repl = sharding_lib.replicated(mesh)
@@ -264,17 +322,30 @@ def build_trainer(config, *, vocab_size: int, mesh, total_steps: int, warmup_ste
         return fn(*args)
     return wrapped
 
+  def lower(batch_size: int):
+    """Ahead-of-time lowering on abstract inputs (compile reports, paper-scale checks)."""
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                         abstract_state, state_shardings)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_shard[k])
+             for k, v in dummy_batch(config, batch_size).items()}
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=repl)
+    tparams = None
+    if teacher is not None:
+      tparams = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                             teacher.params, teacher.param_shardings)
+    return jitted.lower(state, batch, key, tparams)
+
   return Trainer(config=config, task=task, tx=tx, schedule=schedule, mesh=mesh, rules=rules,
                  state_shardings=state_shardings, abstract_state=abstract_state,
                  train_step=under_mesh(lambda s, b, k: jitted(s, b, k, teacher_params)),
                  init_state=under_mesh(init_state), encode_video=under_mesh(enc_v),
-                 encode_text=under_mesh(enc_t), teacher=teacher)
+                 encode_text=under_mesh(enc_t), teacher=teacher, lower=under_mesh(lower))
 
 
 def restore_params(config, ckpt_dir: str, step: int, mesh, vocab_size: int):
   """Params only, from a training checkpoint (export, evaluation)."""
   from clusterstm_jax import checkpointing
-  task = make_task(config, vocab_size)
+  task = make_task(config, TextSpec(vocab_size))
   tx, _ = make_optimizer(config, 1, 0)
   rules = sharding_lib.logical_rules(config.sharding_rules)
   _, shardings, abstract_state = state_layout(task, tx, mesh, rules)

@@ -39,6 +39,43 @@ class Teacher:
   def text_embedding(self, params, ids):
     return self.model.apply({'params': params}, ids, method=self.model.encode_text)
 
+  def relevance_tokens(self, params, tokens, grid_hw, k: int = 3):
+    """Every token pooled with its k x k neighbours by the teacher's MAP head: [B,T,N,D]."""
+    windows, mask = relevance_windows(tokens, grid_hw, k)
+    pooled = self.model.apply({'params': params}, windows, mask, method=self.model.map_pool)
+    return pooled.reshape(*tokens.shape[:3], pooled.shape[-1])
+
+
+
+def model_from_config(config, vocab_size: int | None = None):
+  """The teacher module described by `config.teacher.model` (external weights, compile checks)."""
+  from clusterstm_jax.models import siglip
+  m = config.teacher.model
+  return siglip.SigLIP(variant=m.vision_variant, text_variant=m.text_variant,
+                       image_size=config.data.image_size,
+                       vocab_size=vocab_size or m.vocab_size, text_len=m.text_len,
+                       out_dim=m.get('out_dim'))
+
+
+def _layout(model, config, mesh):
+  from clusterstm_jax import sharding as sharding_lib
+  from clusterstm_jax import step as step_lib
+  s = config.data.image_size
+  inputs = (jnp.zeros((2, s, s, 3), jnp.float32), jnp.zeros((2, model.text_len), jnp.int32))
+  boxed = step_lib.abstract_params(model, inputs)
+  rules = sharding_lib.logical_rules(config.sharding_rules)
+  shardings = sharding_lib.tree_shardings(boxed, mesh, rules)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          nn.unbox(boxed), shardings)
+  return abstract, shardings
+
+
+def abstract_teacher(config, mesh) -> Teacher:
+  """A teacher with abstract (ShapeDtypeStruct) params: enough to lower and compile the step."""
+  model = model_from_config(config)
+  abstract, shardings = _layout(model, config, mesh)
+  return Teacher(model=model, params=abstract, param_shardings=shardings)
+
 
 def ensure_teacher_export(config) -> str:
   """Path of an exported teacher; trains and exports one first when it does not exist yet."""
@@ -62,21 +99,20 @@ def ensure_teacher_export(config) -> str:
 
 
 def load_teacher(config, mesh) -> Teacher:
-  from clusterstm_jax import sharding as sharding_lib
   from clusterstm_jax import step as step_lib
   export_dir = ensure_teacher_export(config)
   tconfig = export_lib.read_config(export_dir)
   if tconfig.data.image_size != config.data.image_size:
     raise UserError(f'teacher image_size {tconfig.data.image_size} != data.image_size '
                     f'{config.data.image_size}')
-  vocab = _vocab_size(export_dir)
-  model = step_lib.make_siglip(tconfig, vocab)
-  rules = sharding_lib.logical_rules(config.sharding_rules)
-  boxed = step_lib.abstract_params(model, step_lib.siglip_init_inputs(tconfig))
-  shardings = sharding_lib.tree_shardings(boxed, mesh, rules)
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          nn.unbox(boxed), shardings)
+  model = step_lib.make_siglip(tconfig, _vocab_size(export_dir))
+  abstract, shardings = _layout(model, config, mesh)
   params = export_lib.read_params(export_dir, abstract)
+  width = jax.tree.leaves(params['img']['Transformer']['encoder_norm'])[0].shape[-1]
+  decoder = config.model.get('decoder')
+  if decoder is not None and decoder.out_dim and decoder.out_dim != width:
+    raise UserError(f'model.decoder.out_dim={decoder.out_dim} must equal the teacher width '
+                    f'{width}')
   return Teacher(model=model, params=params, param_shardings=shardings)
 
 

@@ -20,15 +20,20 @@ from absl import logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py[:arg]).',
-                                lock_config=True)
-flags.DEFINE_string('workdir', None, 'Where checkpoints, logs and results go. Default: '
-                    'workdirs/<config name>[_<arg>].')
-flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-process runs).')
-flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-process runs).')
-flags.DEFINE_integer('process_id', None, 'This process (multi-process runs).')
-flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() with auto-detection '
-                  '(TPU pods).')
+
+
+def define_flags() -> None:
+  """Defined only when run as the entry point, so that importing this module (the teacher is
+  trained through train_and_evaluate, tests call it directly) never defines flags twice."""
+  config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py[:arg]).',
+                                  lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Where checkpoints, logs and results go. Default: '
+                      'workdirs/<config name>[_<arg>].')
+  flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-process).')
+  flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-process runs).')
+  flags.DEFINE_integer('process_id', None, 'This process (multi-process runs).')
+  flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() with '
+                    'auto-detection (TPU pods).')
 
 
 def default_workdir(config_path: str) -> str:
@@ -107,7 +112,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     teacher = teacher_lib.load_teacher(config, mesh)
 
   # --- model and optimizer, born sharded ---
-  trainer = step_lib.build_trainer(config, vocab_size=tokenizer.vocab_size, mesh=mesh,
+  trainer = step_lib.build_trainer(config, text=step_lib.TextSpec.from_tokenizer(tokenizer),
+                                   mesh=mesh,
                                    total_steps=total_steps, warmup_steps=warmup_steps,
                                    teacher=teacher)
 
@@ -222,5 +228,6 @@ def _print_results(results: dict, is_main: bool) -> None:
 
 
 if __name__ == '__main__':
+  define_flags()
   flags.mark_flags_as_required(['config'])
   app.run(main)

@@ -3,6 +3,9 @@ r"""ClusterSTM pretraining.
 Default (no arg): the embedded "shapes" dataset on this CPU; prints a zero-shot retrieval table.
   python -m clusterstm_jax.train --config=configs/pretrain.py
 Knobs (comma-separated after ':'):
+  paper       the paper-scale recipe: ViT-B/16 student, SigLIP B/16 teacher, 4 frames at 224 px,
+              r = 0.85, WebVid-2M, AdamW lr 1e-4 wd 0.02, cosine over 10 epochs (1 warm-up),
+              global batch 2048, FSDP. Needs the data and the SigLIP weights (see README).
   smoke       a few steps of a tiny model on the tiny shapes split (tests and CI).
   mask=NAME   masking strategy: clusterstm, clusterstm_random_pick, random, tube.
 """
@@ -15,7 +18,7 @@ from clusterstm_jax.masking.strategies import default_mask_config
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, smoke=False, mask='clusterstm', steps=-1, ratio=0.85)
+  arg = config_lib.parse_arg(arg, paper=False, smoke=False, mask='clusterstm', steps=-1, ratio=0.85)
   config = ml_collections.ConfigDict()
   common.training_config(config)
 
@@ -31,6 +34,9 @@ def get_config(arg=None):
   config.model.embed_dim = 64
   config.model.temp_init = 0.07
   config.model.dropout = 0.0
+  # MAE-style decoder rebuilding every token in the teacher's width (out_dim) for MRM.
+  config.model.decoder = ml_collections.ConfigDict(dict(
+      width=64, depth=1, num_heads=2, mlp_dim=128, out_dim=64))
 
   config.mask = default_mask_config()
   config.mask.strategy = arg.mask
@@ -42,8 +48,15 @@ def get_config(arg=None):
   config.teacher.export = ''
   config.teacher.workdir = 'workdirs/teacher'
   config.teacher.config = 'configs/teacher.py'
+  # External weights (big_vision .npz or Hugging Face safetensors) and the architecture they
+  # need; used instead of export/workdir when `init` is set (see models/siglip.py load()).
+  config.teacher.init = ''
+  config.teacher.model = ml_collections.ConfigDict(dict(
+      vision_variant='B/16', text_variant='B', vocab_size=32000, text_len=64, out_dim=None))
 
-  config.loss_weights = ml_collections.ConfigDict(dict(vtc=1.0))
+  # Masked relevance modelling: teacher MAP head over k x k windows x teacher text feature.
+  config.mrm = ml_collections.ConfigDict(dict(window=3, in_batch=False))
+  config.loss_weights = ml_collections.ConfigDict(dict(vtc=1.0, vtm=1.0, mlm=1.0, mrm=1.0))
 
   config.batch_size = 64
   config.eval_batch_size = 128
@@ -54,6 +67,33 @@ def get_config(arg=None):
   config.log_every_steps = 20
   config.checkpoint_every_steps = 200
 
+  if arg.paper:
+    config.data.name = 'webvid'
+    config.data.builder_config = ''
+    config.data.image_size = 224
+    config.data.num_frames = 4
+    config.data.max_text_len = 64   # SigLIP's text length: teacher and student share the ids
+    config.data.tokenizer = ''      # set to SigLIP's sentencepiece .model
+    config.data.eval_split = 'val'
+    config.teacher.init = ''        # set to the SigLIP B/16 checkpoint
+    config.model.vision_variant = 'B/16'
+    config.model.text_variant = 'B'
+    config.model.text_fusion_layers = 3   # BERT layers 9-11 cross-attend (UMT)
+    config.model.embed_dim = 512
+    config.model.dropout = 0.0
+    config.model.decoder.update(width=384, depth=4, num_heads=6, mlp_dim=1536, out_dim=768)
+    config.batch_size = 2048
+    config.eval_batch_size = 256
+    config.total_steps = -1
+    config.total_epochs = 10.0
+    config.warmup_steps = -1
+    config.warmup_epochs = 1.0
+    config.optax.lr = 1e-4
+    config.optax.wd = 0.02
+    config.mesh = (('data', 1), ('fsdp', -1), ('tensor', 1))
+    config.sharding_rules = 'fsdp'
+    config.log_every_steps = 50
+    config.checkpoint_every_steps = 1000
   if arg.smoke:
     config.data.builder_config = 'tiny'
     config.teacher.workdir = 'workdirs/teacher_smoke'
@@ -62,6 +102,7 @@ def get_config(arg=None):
     config.model.text_variant = 'Pico'
     config.model.text_depth = 2
     config.model.embed_dim = 32
+    config.model.decoder.update(width=32, depth=1, num_heads=2, mlp_dim=64, out_dim=32)
     config.batch_size = 16
     config.eval_batch_size = 16
     config.total_steps = 6

@@ -1,7 +1,10 @@
-"""The ClusterSTM student: video ViT on visible tokens, text encoder, projections, temperature.
+"""The ClusterSTM student: video ViT on visible tokens, text encoder with fusion layers,
+contrastive projections and temperature, a matching (VTM) head, and the MAE-style decoder that
+rebuilds every token in the teacher's width for masked relevance modelling (MRM).
 
 The video encoder only sees the tokens that masking keeps; everything downstream (pooling,
-contrastive projection) works on those. Methods are used through `model.apply(..., method=...)`.
+contrastive projection, fusion, decoding) works on those. Methods are used through
+`model.apply(..., method=...)`; `__call__` touches every submodule (used for init).
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
+from clusterstm_jax.models import decoder as decoder_lib
 from clusterstm_jax.models import text as text_lib
 from clusterstm_jax.models import vit as vit_lib
 from clusterstm_jax.objectives import l2_normalize
@@ -31,10 +35,10 @@ def vision_tower(config: ml_collections.ConfigDict, num_frames: int, image_size:
 def load_pretrained(path: str, student_params, model: 'ClusterSTM', *, strict: bool = True):
   """Initialises the student's vision tower from a pretrained image tower (vit.load: CLIP or
   SigLIP safetensors, big_vision ViT/SigLIP .npz); every other student parameter (text tower,
-  projections, temperature, and a video-only time_embedding) keeps its value.
+  projections, temperature, decoder, and a video-only time_embedding) keeps its value.
 
-  student_params: initialised ClusterSTM params ('params' dict or {'params': ...}).
-  model: the ClusterSTM (its config gives the vision options and patch grid for the checks).
+  student_params: initialised ClusterSTM params ('params' dict or {'params': ...}; flax boxes
+    are kept). model: the ClusterSTM (its config gives the vision options and the patch grid).
   """
   wrapped = set(student_params) == {'params'}
   params = dict(student_params['params'] if wrapped else student_params)
@@ -54,19 +58,27 @@ class ClusterSTM(nn.Module):
 
   def setup(self):
     c = self.config
+    dropout = c.get('dropout', 0.0)
     self.vision = vision_tower(c, self.num_frames, self.image_size, name='vision')
     self.text = text_lib.TextEncoder(vocab_size=self.vocab_size, max_len=self.max_text_len,
                                      variant=c.text_variant, num_layers=c.get('text_depth'),
-                                     num_fusion_layers=c.text_fusion_layers,
-                                     dropout=c.get('dropout', 0.0), name='text')
-    dense = lambda name: nn.Dense(
-        c.embed_dim, name=name,
+                                     num_fusion_layers=c.text_fusion_layers, dropout=dropout,
+                                     name='text')
+    dense = lambda features, name: nn.Dense(
+        features, name=name,
         kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(),
-                                                 ('embed', None)))
-    self.vision_proj = dense('vision_proj')
-    self.text_proj = dense('text_proj')
+                                                 ('embed', None)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))
+    self.vision_proj = dense(c.embed_dim, 'vision_proj')
+    self.text_proj = dense(c.embed_dim, 'text_proj')
+    self.vtm_head = dense(2, 'vtm_head')
     self.temp = self.param('temp', nn.with_logical_partitioning(
         lambda *_: jnp.asarray(c.temp_init, jnp.float32), ()), ())
+    d = c.decoder
+    self.decoder = (decoder_lib.VideoDecoder(width=d.width, depth=d.depth, num_heads=d.num_heads,
+                                             mlp_dim=d.mlp_dim, out_dim=d.out_dim,
+                                             dropout=dropout, name='decoder')
+                    if d.out_dim else None)
 
   def temperature(self):
     # UMT clamps the learnable temperature to [0.001, 0.5].
@@ -83,8 +95,32 @@ class ClusterSTM(nn.Module):
     hidden = self.text.encode(ids, train=train)
     return l2_normalize(self.text_proj(hidden[:, 0])), hidden
 
+  def fuse(self, hidden, ids, video_tokens, *, train=False):
+    """Text hidden [B,L,D] cross-attending to video tokens [B,T,Nc,Dv] -> fused [B,L,D]."""
+    b = video_tokens.shape[0]
+    flat = video_tokens.reshape(b, -1, video_tokens.shape[-1])
+    return self.text.fuse(hidden, text_lib.padding_mask(ids), flat, None, train=train)
+
+  def vtm_logits(self, fused):
+    return self.vtm_head(fused[:, 0])
+
+  def mlm_logits(self, fused):
+    return self.text.mlm_logits(fused)
+
+  def decode(self, tokens, keep_idx, grid, *, train=False):
+    """Visible tokens [B,T,Nc,D] at keep_idx -> every token [B,T,N,Dt] in the teacher's width."""
+    return self.decoder(tokens, keep_idx, grid, train=train)
+
   def __call__(self, video, ids, keep_idx=None, *, train=False) -> dict[str, Any]:
     video_feat, tokens = self.encode_video(video, keep_idx, train=train)
     text_feat, hidden = self.encode_text(ids, train=train)
-    return dict(video_feat=video_feat, text_feat=text_feat, video_tokens=tokens,
-                text_hidden=hidden, temperature=self.temperature())
+    fused = self.fuse(hidden, ids, tokens, train=train)
+    out = dict(video_feat=video_feat, text_feat=text_feat, video_tokens=tokens,
+               text_hidden=hidden, temperature=self.temperature(),
+               vtm_logits=self.vtm_logits(fused), mlm_logits=self.mlm_logits(fused))
+    if self.decoder is not None:
+      b, t = video.shape[:2]
+      n = self.vision.num_patches
+      idx = keep_idx if keep_idx is not None else jnp.broadcast_to(jnp.arange(n), (b, t, n))
+      out['decoded'] = self.decode(tokens, idx, (t, *self.vision.grid), train=train)
+    return out

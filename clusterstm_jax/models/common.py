@@ -10,9 +10,10 @@ run with plain `nn.unbox(params)` outside any mesh.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -116,9 +117,25 @@ def _part(init, names):
   return nn.with_logical_partitioning(init, names)
 
 
-def layer_norm(dtype: Dtype = jnp.float32, name: str | None = None) -> nn.LayerNorm:
-  """LayerNorm (eps 1e-6 as big_vision) with logically named scale/bias."""
-  return nn.LayerNorm(dtype=dtype, name=name,
+# MLP activations by name. "gelu_tanh" (flax's default nn.gelu) is big_vision's and SigLIP's
+# ("gelu_pytorch_tanh" in transformers); CLIP uses "quick_gelu"; some CLIPs the exact "gelu".
+ACTIVATIONS: dict[str, Callable[[jnp.ndarray], jnp.ndarray]] = {
+    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+}
+
+
+def activation(name: str) -> Callable[[jnp.ndarray], jnp.ndarray]:
+  if name not in ACTIVATIONS:
+    raise ValueError(f"unknown MLP activation {name!r}; known: {sorted(ACTIVATIONS)}")
+  return ACTIVATIONS[name]
+
+
+def layer_norm(dtype: Dtype = jnp.float32, name: str | None = None,
+               eps: float = 1e-6) -> nn.LayerNorm:
+  """LayerNorm (eps 1e-6 as big_vision; CLIP uses 1e-5) with logically named scale/bias."""
+  return nn.LayerNorm(epsilon=eps, dtype=dtype, name=name,
                       scale_init=_part(nn.initializers.ones, ("norm",)),
                       bias_init=_part(nn.initializers.zeros, ("norm",)))
 
@@ -168,10 +185,11 @@ def key_mask(mask: jnp.ndarray | None) -> jnp.ndarray | None:
 
 
 class MlpBlock(nn.Module):
-  """Dense -> gelu -> dropout -> Dense (children Dense_0, Dense_1 as big_vision)."""
+  """Dense -> act -> dropout -> Dense (children Dense_0, Dense_1 as big_vision)."""
   mlp_dim: int
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  act: str = "gelu_tanh"
 
   @nn.compact
   def __call__(self, x, *, deterministic: bool = True):
@@ -180,7 +198,7 @@ class MlpBlock(nn.Module):
     bias = nn.initializers.normal(stddev=1e-6)
     x = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=_part(xavier, ("embed", "mlp")),
                  bias_init=_part(bias, ("mlp",)))(x)
-    x = nn.gelu(x)
+    x = activation(self.act)(x)
     x = nn.Dropout(rate=self.dropout)(x, deterministic)
     return nn.Dense(d, dtype=self.dtype, kernel_init=_part(xavier, ("mlp", "embed")),
                     bias_init=_part(bias, ("embed",)))(x)
@@ -193,12 +211,15 @@ class EncoderBlock(nn.Module):
   `cross_norm` / `cross_attention` (explicit names, so the big_vision auto-names
   LayerNorm_0/1, MultiHeadDotProductAttention_0, MlpBlock_0 stay the same).
   Masks are key padding masks: `mask` [B, L] for self-attention, `context_mask` [B, M].
+  `act` / `ln_eps` only change the computation (for external checkpoints such as CLIP).
   """
   mlp_dim: int
   num_heads: int
   dropout: float = 0.0
   cross_attention: bool = False
   dtype: Dtype = jnp.float32
+  act: str = "gelu_tanh"
+  ln_eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x, mask=None, context=None, context_mask=None, *,
@@ -208,20 +229,21 @@ class EncoderBlock(nn.Module):
     if not self.cross_attention and context is not None:
       raise ValueError("`context` given to an EncoderBlock built with cross_attention=False")
     x = nn.with_logical_constraint(x, ACT)
-    y = layer_norm(self.dtype)(x)
+    y = layer_norm(self.dtype, eps=self.ln_eps)(x)
     y = attention(self.num_heads, self.dtype)(y, y, mask=key_mask(mask))
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
     x = nn.with_logical_constraint(x + y, ACT)
 
     if self.cross_attention:
-      y = layer_norm(self.dtype, name="cross_norm")(x)
+      y = layer_norm(self.dtype, name="cross_norm", eps=self.ln_eps)(x)
       y = attention(self.num_heads, self.dtype, name="cross_attention")(
           y, context, mask=key_mask(context_mask))
       y = nn.Dropout(rate=self.dropout)(y, deterministic)
       x = nn.with_logical_constraint(x + y, ACT)
 
-    y = layer_norm(self.dtype)(x)
-    y = MlpBlock(self.mlp_dim, self.dropout, self.dtype)(y, deterministic=deterministic)
+    y = layer_norm(self.dtype, eps=self.ln_eps)(x)
+    y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.act)(
+        y, deterministic=deterministic)
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
     return nn.with_logical_constraint(x + y, ACT)
 
@@ -237,6 +259,8 @@ class Encoder(nn.Module):
   dropout: float = 0.0
   cross_attention: bool = False
   dtype: Dtype = jnp.float32
+  act: str = "gelu_tanh"
+  ln_eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x, mask=None, context=None, context_mask=None, *,
@@ -244,11 +268,11 @@ class Encoder(nn.Module):
     out = {}
     for i in range(self.depth):
       x = EncoderBlock(self.mlp_dim, self.num_heads, self.dropout, self.cross_attention,
-                       self.dtype, name=f"encoderblock_{i}")(
+                       self.dtype, self.act, self.ln_eps, name=f"encoderblock_{i}")(
                            x, mask, context, context_mask, deterministic=deterministic)
       out[f"block{i:02d}"] = x
     out["pre_ln"] = x
-    return layer_norm(self.dtype, name="encoder_norm")(x), out
+    return layer_norm(self.dtype, name="encoder_norm", eps=self.ln_eps)(x), out
 
 
 class MAPHead(nn.Module):

@@ -13,9 +13,15 @@ text=dict(variant, vocab_size), out_dim=(None, D), temperature_init=10, bias_ini
 
 As in big_vision, the text tower has no attention mask and pools the LAST token (SigLIP pads
 with the sticky EOS token); images are expected in [-1, 1].
+
+`load` maps the public checkpoints into these params: big_vision SigLIP `.npz` files (same
+names) and transformers SiglipModel safetensors (renamed and transposed). The text tower only
+makes sense with the checkpoint's own SentencePiece model (and SigLIP's text preprocessing:
+lower-case, no BOS, EOS then EOS-padding to text_len): give its path as the teacher's tokenizer.
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -23,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clusterstm_jax.models import checkpoint_io as cio
 from clusterstm_jax.models import common
 
 _part = nn.with_logical_partitioning
@@ -209,3 +216,103 @@ def sigmoid_loss(zimg, ztxt, t, b):
   logits = zi @ zt.T * jnp.exp(t) + b
   labels = 2.0 * jnp.eye(zi.shape[0], dtype=jnp.float32) - 1.0
   return -jnp.mean(jnp.sum(jax.nn.log_sigmoid(labels * logits), axis=-1))
+
+
+# ----------------------------------------------------------------------------- pretrained
+def _from_big_vision(src: cio.Source, out: cio.Converted, grid) -> None:
+  prefix = next((p for p in ("params/", "opt/target/", "") if f"{p}img/embedding/kernel" in src),
+                None)
+  if prefix is None:
+    raise cio.CheckpointError(f"{src.path} is not a big_vision SigLIP checkpoint: no "
+                              f"'[params/]img/embedding/kernel' key")
+  for name in out.tshapes:  # what is not there is reported as missing, all names at once
+    if prefix + name not in src:
+      continue
+    if name == "img/pos_embedding":
+      n = out.tshapes[name][1]
+      out.put(name, cio.resample_posemb(src.take(prefix + name), grid or cio.square_grid(n)),
+              prefix + name)
+    else:
+      out.take(name, prefix + name)
+  src.ignore_outside(prefix, f"not under {prefix!r}: not model parameters")
+
+
+def _put_map_head(out: cio.Converted, ours: str, hf: str) -> None:
+  """transformers' SiglipMultiheadAttentionPoolingHead (torch nn.MultiheadAttention with a
+  packed in_proj [3D, D]) -> big_vision's MAPHead."""
+  src = out.source
+  out.take(f"{ours}/probe", f"{hf}.probe")
+  w, b = src.take(f"{hf}.attention.in_proj_weight"), src.take(f"{hf}.attention.in_proj_bias")
+  qkv = [(wi, bi) for wi, bi in zip(np.split(w, 3), np.split(b, 3))]
+  o = (src.take(f"{hf}.attention.out_proj.weight"), src.take(f"{hf}.attention.out_proj.bias"))
+  cio.put_attention(out, f"{ours}/MultiHeadDotProductAttention_0", *qkv, o, f"{hf}.attention")
+  cio.put_hf_layer_norm(out, f"{ours}/LayerNorm_0", f"{hf}.layernorm")
+  cio.put_hf_linear(out, f"{ours}/MlpBlock_0/Dense_0", f"{hf}.mlp.fc1")
+  cio.put_hf_linear(out, f"{ours}/MlpBlock_0/Dense_1", f"{hf}.mlp.fc2")
+
+
+def _encoder(out: cio.Converted, ours: str, hf: str, what: str) -> None:
+  ours_depth = len({k.split("/")[2] for k in out.tshapes if k.startswith(f"{ours}/encoderblock_")})
+  depth = cio.hf_num_layers(out.source, f"{hf}.layers")
+  cio.check_depth(out.source, ours_depth, depth, what)
+  for i in range(depth):
+    cio.put_hf_encoder_layer(out, f"{ours}/encoderblock_{i}", f"{hf}.layers.{i}")
+
+
+def _from_hf(src: cio.Source, out: cio.Converted, grid) -> None:
+  if "vision_model.embeddings.patch_embedding.weight" not in src:
+    raise cio.CheckpointError(f"{src.path} is not a transformers SigLIP checkpoint: no key "
+                              f"'vision_model.embeddings.patch_embedding.weight'")
+  for tower in ("vision_config", "text_config"):
+    cfg = (src.hf_config or {}).get(tower, {})
+    if cfg.get("hidden_act", "gelu_pytorch_tanh") not in ("gelu_pytorch_tanh", "gelu_new"):
+      raise cio.CheckpointError(f"{src.path}: {tower}.hidden_act={cfg['hidden_act']!r}, but "
+                                f"SigLIP here uses the tanh GELU")
+    if not np.isclose(float(cfg.get("layer_norm_eps", 1e-6)), 1e-6, rtol=1e-6, atol=0):
+      raise cio.CheckpointError(f"{src.path}: {tower}.layer_norm_eps={cfg['layer_norm_eps']}, "
+                                f"but SigLIP here uses 1e-6")
+  v, t = "vision_model", "text_model"
+  out.take("img/embedding/kernel", f"{v}.embeddings.patch_embedding.weight",
+           cio.conv_oihw_to_hwio)
+  out.take("img/embedding/bias", f"{v}.embeddings.patch_embedding.bias")
+  key = f"{v}.embeddings.position_embedding.weight"
+  n = out.tshapes["img/pos_embedding"][1]
+  out.put("img/pos_embedding", cio.resample_posemb(src.take(key), grid or cio.square_grid(n)),
+          key)
+  _encoder(out, "img/Transformer", f"{v}.encoder", "the image encoder")
+  cio.put_hf_layer_norm(out, "img/Transformer/encoder_norm", f"{v}.post_layernorm")
+  if f"{v}.head.probe" in src:
+    _put_map_head(out, "img/MAPHead_0", f"{v}.head")
+  out.take("txt/Embed_0/embedding", f"{t}.embeddings.token_embedding.weight")
+  out.take("txt/pos_embedding", f"{t}.embeddings.position_embedding.weight", lambda x: x[None])
+  _encoder(out, "txt/Encoder_0", f"{t}.encoder", "the text encoder")
+  cio.put_hf_layer_norm(out, "txt/Encoder_0/encoder_norm", f"{t}.final_layer_norm")
+  if "txt/head/kernel" in out:
+    cio.put_hf_linear(out, "txt/head", f"{t}.head")
+  out.take("t", "logit_scale")
+  out.take("b", "logit_bias")
+
+
+def load(path: str | os.PathLike, params_template, *, model: SigLIP | None = None,
+         grid: tuple[int, int] | None = None, strict: bool = True):
+  """Loads a pretrained SigLIP into teacher params shaped like `params_template`.
+
+  path: a big_vision SigLIP `.npz` (e.g. webli_en_b16_224_63724782.npz; keys
+    'params/img/embedding/kernel', ...) or a transformers SiglipModel checkpoint
+    (`model.safetensors` or its directory, with config.json beside it for the checks).
+  params_template: initialised SigLIP params (the 'params' dict or {'params': ...}).
+  model / grid: the image patch grid for resampling `img/pos_embedding` when the model's
+    resolution differs from the checkpoint's (default: a square grid).
+  strict: unused checkpoint keys are an error (True) or a warning.
+  Returns the params tree (numpy arrays); raises CheckpointError (a ValueError) naming what is
+  missing, unused or mis-shaped, or the file when it cannot be read.
+  """
+  src = cio.Source(path)
+  out = cio.Converted(src, cio.template_shapes(params_template))
+  if grid is None and model is not None:
+    grid = common.grid_size(model.image_size, model._dims()[0]["patch_size"])  # pylint: disable=protected-access
+  if src.format == "npz":
+    _from_big_vision(src, out, grid)
+  else:
+    _from_hf(src, out, grid)
+  return cio.assign(out, params_template, strict=strict)

@@ -38,7 +38,8 @@ def bench_step(config, tokenizer, num_steps: int, teacher=None) -> tuple[float, 
   from clusterstm_jax import sharding as sharding_lib
   from clusterstm_jax import step as step_lib
   mesh = sharding_lib.make_mesh(config.mesh)
-  trainer = step_lib.build_trainer(config, vocab_size=tokenizer.vocab_size, mesh=mesh,
+  trainer = step_lib.build_trainer(config, text=step_lib.TextSpec.from_tokenizer(tokenizer),
+                                   mesh=mesh,
                                    total_steps=1000, warmup_steps=10, teacher=teacher)
   state = trainer.init_state(jax.random.key(0))
   rng = np.random.default_rng(0)
