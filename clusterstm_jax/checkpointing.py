@@ -16,6 +16,7 @@ import grain.python as grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 
 from clusterstm_jax.errors import UserError
 
@@ -69,9 +70,9 @@ def resolve_checkpoint_path(path: str) -> tuple[str, int]:
   """Accepts a run's checkpoint directory or one step directory inside it -> (dir, step)."""
   if '://' not in path and not os.path.exists(path):
     raise CheckpointError(f'checkpoint path does not exist: {path}')
-  base = os.path.basename(os.path.normpath(path))
-  if base.isdigit():
-    return os.path.dirname(os.path.normpath(path)), int(base)
+  p = epath.Path(path if '://' in path else os.path.normpath(path))  # os.path mangles gs://
+  if p.name.isdigit():
+    return str(p.parent), int(p.name)
   manager = make_manager(path, read_only=True, async_save=False)
   step = manager.latest_step()
   if step is None:

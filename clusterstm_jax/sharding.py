@@ -84,3 +84,16 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
     x = np.asarray(x)
     return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
   return {k: put(v) for k, v in local_batch.items()}
+
+
+def sync_processes(name: str, timeout_s: int = 1800) -> None:
+  """Blocks until every process reaches the barrier `name` (a no-op with one process).
+
+  A coordination-service barrier, not a device collective: processes may arrive minutes apart
+  (each restores its own shards and compiles on its own), far longer than a CPU (gloo)
+  collective waits for a late peer (30 s).
+  """
+  if jax.process_count() == 1:
+    return
+  import orbax.checkpoint as ocp
+  ocp.multihost.get_barrier_sync_fn()(key=name, timeout_ms=timeout_s * 1000)

@@ -85,6 +85,9 @@ def make_optimizer(config, total_steps: int, warmup_steps: int):
 
 def dummy_batch(config, batch_size: int) -> dict[str, np.ndarray]:
   """A batch of the pipeline's shapes and dtypes (used for init and compilation)."""
+  if config.get('task') == 'qa':  # QA batches carry questions and answers (downstream.py)
+    from clusterstm_jax import downstream
+    return downstream.dummy_batch(config, batch_size)
   t, s, l = config.data.num_frames, config.data.image_size, config.data.max_text_len
   return dict(video=np.zeros((batch_size, t, s, s, 3), np.uint8),
               text=np.zeros((batch_size, l), np.int32),
@@ -116,7 +119,8 @@ def make_task(config, text: 'TextSpec', teacher=None) -> Task:
     return _clusterstm_task(config, text, teacher)
   if task == 'siglip':
     return _siglip_task(config, text.vocab_size)
-  raise ValueError(f'unknown task {task!r}; known: clusterstm, siglip')
+  from clusterstm_jax import downstream  # retrieval_ft, qa, caption
+  return downstream.make_task(config, text)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -100,6 +100,8 @@ def ensure_teacher_export(config) -> str:
 
 def load_teacher(config, mesh) -> Teacher:
   from clusterstm_jax import step as step_lib
+  if config.teacher.get('init'):
+    return _load_external(config, mesh)
   export_dir = ensure_teacher_export(config)
   tconfig = export_lib.read_config(export_dir)
   if tconfig.data.image_size != config.data.image_size:
@@ -113,6 +115,22 @@ def load_teacher(config, mesh) -> Teacher:
   if decoder is not None and decoder.out_dim and decoder.out_dim != width:
     raise UserError(f'model.decoder.out_dim={decoder.out_dim} must equal the teacher width '
                     f'{width}')
+  return Teacher(model=model, params=params, param_shardings=shardings)
+
+
+def _load_external(config, mesh) -> Teacher:
+  """A pretrained SigLIP (big_vision .npz or HF safetensors) described by config.teacher.model."""
+  from clusterstm_jax.models import siglip
+  path = os.path.expanduser(config.teacher.init)
+  if not os.path.exists(path):
+    raise UserError(f'teacher checkpoint does not exist: {path} (config.teacher.init)')
+  model = model_from_config(config)
+  abstract, shardings = _layout(model, config, mesh)
+  try:
+    params = siglip.load(path, abstract, model=model)
+  except ValueError as e:  # checkpoint_io.CheckpointError: names the parameter or the file
+    raise UserError(f'teacher checkpoint {path}: {e}') from e
+  params = jax.device_put(nn.unbox(params), shardings)
   return Teacher(model=model, params=params, param_shardings=shardings)
 
 

@@ -77,15 +77,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   from clusterstm_jax import checkpointing
   from clusterstm_jax import config_lib
+  from clusterstm_jax import downstream
   from clusterstm_jax import sharding as sharding_lib
   from clusterstm_jax import step as step_lib
   from clusterstm_jax.data import pipeline
   from clusterstm_jax.metric_writer import MetricWriter
+  from etils import epath  # workdirs may be gs:// (multi-host runs share one)
 
   # --- setup ---
   is_main = jax.process_index() == 0
   if is_main:
-    os.makedirs(workdir, exist_ok=True)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   logging.info('workdir %s, %d processes, %d devices', workdir, jax.process_count(),
                jax.device_count())
 
@@ -102,7 +104,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                   batch_size=config.batch_size, default=0)
   train_loader = pipeline.make_train_loader(
       config.data, tokenizer, global_batch_size=config.batch_size, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count())
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      decode=downstream.example_decoder(config))  # QA batches add questions and answers
   train_iter = iter(train_loader)
 
   # --- teacher (frozen; its params never enter the train state) ---
@@ -136,17 +139,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                   rstep, abstract, train_iter)
   else:
     state = trainer.init_state(jax.random.key(config.seed))
-    if config.init:
+    if config.init:  # a whole exported model (ours): fine-tuning, continued pretraining
       from clusterstm_jax import export as export_lib
       state['params'] = export_lib.load_params_into(config.init, state['params'])
+    elif config.model.get('init'):  # an external image tower (CLIP/SigLIP/ViT) for the student
+      state['params'] = _load_vision_tower(config, trainer, state['params'])
   step = int(state['step'])
 
-  results_path = os.path.join(workdir, 'results.json')
+  results_path = epath.Path(workdir) / 'results.json'
   if step >= total_steps:
     print(f'run already complete: {workdir} is at step {step} of {total_steps}.')
-    if os.path.exists(results_path):
-      with open(results_path) as f:
-        results = json.load(f)
+    if results_path.exists():
+      results = json.loads(results_path.read_text())
       _print_results(results, is_main)
       manager.close()
       return results
@@ -159,6 +163,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   t_last, step_last = time.perf_counter(), step
   last_metrics = None
   stop_at = total_steps if config.halt_at_step < 0 else min(config.halt_at_step, total_steps)
+  sharding_lib.sync_processes('train:loop')  # all processes start stepping together
   while step < stop_at:
     batch = sharding_lib.global_batch(next(train_iter), mesh)
     state, metrics = trainer.train_step(state, batch, base_key)
@@ -196,16 +201,33 @@ def train_and_evaluate(config, workdir: str) -> dict:
   writer.write(step, {f'eval/{k}': v for k, v in results.items()
                       if isinstance(v, (int, float))})
   writer.close()
-  if is_main:
-    with open(results_path + '.tmp', 'w') as f:
-      json.dump(results, f, indent=1)
-    os.replace(results_path + '.tmp', results_path)
+  if is_main:  # the only writer; other processes hold the same (replicated) results
+    tmp = results_path.with_name(results_path.name + '.tmp')
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(results_path)
   _print_results(results, is_main)
   return results
 
 
+def _load_vision_tower(config, trainer, params):
+  import jax
+  from clusterstm_jax.errors import UserError
+  from clusterstm_jax.models import clusterstm as clusterstm_lib
+  path = os.path.expanduser(config.model.init)
+  if not os.path.exists(path):
+    raise UserError(f'checkpoint path does not exist: {path} (config.model.init)')
+  try:
+    loaded = clusterstm_lib.load_pretrained(path, jax.device_get(params), trainer.task.model)
+  except ValueError as e:
+    raise UserError(f'{path}: {e}') from e
+  return jax.device_put(loaded, trainer.state_shardings['params'])
+
+
 def run_evals(config, trainer, params, tokenizer, mesh) -> dict:
   import jax
+  if config.get('evals'):  # fine-tuning runs: evaluators by type (evaluate.py)
+    from clusterstm_jax import evaluate
+    return evaluate.run_evals(config, params, tokenizer, mesh)
   from clusterstm_jax.data import pipeline
   from clusterstm_jax.evaluators import retrieval
 
@@ -223,6 +245,10 @@ def _print_results(results: dict, is_main: bool) -> None:
   if not is_main:
     return
   table = {k[len('zeroshot_'):]: v for k, v in results.items() if k.startswith('zeroshot_')}
+  if not table:  # fine-tuning runs
+    from clusterstm_jax import evaluate
+    print('\n' + evaluate.format_results(results))
+    return
   print('\nZero-shot text-video retrieval on the test split:')
   print(metrics_lib.format_table(table))
 

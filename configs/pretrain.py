@@ -34,6 +34,7 @@ def get_config(arg=None):
   config.model.embed_dim = 64
   config.model.temp_init = 0.07
   config.model.dropout = 0.0
+  config.model.init = ''  # an external image tower for the student (CLIP/SigLIP/ViT; README)
   # MAE-style decoder rebuilding every token in the teacher's width (out_dim) for MRM.
   config.model.decoder = ml_collections.ConfigDict(dict(
       width=64, depth=1, num_heads=2, mlp_dim=128, out_dim=64))

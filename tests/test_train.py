@@ -15,12 +15,19 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('data'))
+  # One tiny dataset and one smoke teacher for the module: the teacher trains on first use.
+  root = tmp_path_factory.mktemp('shared')
+  TEACHER_DIRS[str(root / 'data')] = str(root / 'teacher')
+  return str(root / 'data')
+
+
+TEACHER_DIRS = {}
 
 
 def smoke_config(data_dir, **overrides):
   config = pretrain.get_config('smoke')
   config.data.data_dir = data_dir
+  config.teacher.workdir = TEACHER_DIRS[data_dir]
   config.async_checkpointing = False
   for k, v in overrides.items():
     node = config
@@ -37,9 +44,14 @@ def losses(workdir):
   return {r['step']: r['loss'] for r in rows if 'loss' in r}
 
 
-def test_smoke_run_trains_checkpoints_and_evaluates(data_dir, tmp_path):
-  workdir = str(tmp_path / 'run')
-  results = train.train_and_evaluate(smoke_config(data_dir), workdir)
+@pytest.fixture(scope='module')
+def straight_run(data_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('straight'))
+  return workdir, train.train_and_evaluate(smoke_config(data_dir), workdir)
+
+
+def test_smoke_run_trains_checkpoints_and_evaluates(data_dir, straight_run):
+  workdir, results = straight_run
   assert results['step'] == 6
   for key in ('zeroshot_t2v_R@1', 'zeroshot_v2t_R@1', 'zeroshot_t2v_MdR'):
     assert key in results
@@ -52,9 +64,8 @@ def test_smoke_run_trains_checkpoints_and_evaluates(data_dir, tmp_path):
   assert sorted(losses(workdir)) == list(range(1, 7))
 
 
-def test_exact_resume(data_dir, tmp_path):
-  straight = str(tmp_path / 'straight')
-  train.train_and_evaluate(smoke_config(data_dir), straight)
+def test_exact_resume(data_dir, straight_run, tmp_path):
+  straight, _ = straight_run
   split = str(tmp_path / 'split')
   halted = train.train_and_evaluate(smoke_config(data_dir, halt_at_step=3), split)
   assert halted == {'step': 3, 'halted': True}
@@ -72,7 +83,8 @@ def _cli(*args, cwd=REPO):
 
 def test_cli_bad_inputs_give_one_line_errors(data_dir, tmp_path):
   base = ['--config=configs/pretrain.py:smoke', f'--workdir={tmp_path / "w"}',
-          f'--config.data.data_dir={data_dir}']
+          f'--config.data.data_dir={data_dir}',
+          f'--config.teacher.workdir={TEACHER_DIRS[data_dir]}']
   r = _cli(*base, '--config.not_a_field=3')
   assert r.returncode != 0 and 'not_a_field' in r.stderr and 'Traceback' not in r.stderr
   r = _cli(*base, '--config.batch_size=abc')

@@ -141,20 +141,20 @@ def decode_example(ex: dict[str, Any], *, tokenizer: Tokenizer, num_frames: int,
 class _TrainDecode(grain.RandomMapTransform):
   """Temporal jitter from grain's per-record rng (seed + position): deterministic and resumable."""
 
-  def __init__(self, **kwargs):
-    self._kwargs = kwargs
+  def __init__(self, decode=decode_example, **kwargs):
+    self._decode, self._kwargs = decode, kwargs
 
   def random_map(self, element, rng: np.random.Generator):
-    return decode_example(element, rng=rng, **self._kwargs)
+    return self._decode(element, rng=rng, **self._kwargs)
 
 
 class _EvalDecode(grain.MapTransform):
 
-  def __init__(self, **kwargs):
-    self._kwargs = kwargs
+  def __init__(self, decode=decode_example, **kwargs):
+    self._decode, self._kwargs = decode, kwargs
 
   def map(self, element):
-    out = decode_example(element, rng=None, **self._kwargs)
+    out = self._decode(element, rng=None, **self._kwargs)
     out["valid"] = np.bool_(element["valid"])
     return out
 
@@ -210,8 +210,12 @@ def _ensure_flags_parsed(worker_count: int):
 
 
 def make_train_loader(data_config, tokenizer: Tokenizer, *, global_batch_size: int, seed: int,
-                      process_index: int, process_count: int) -> grain.DataLoader:
-  """Shuffled, repeating, per-process sharded loader; `iter()` gives a checkpointable iterator."""
+                      process_index: int, process_count: int,
+                      decode=decode_example) -> grain.DataLoader:
+  """Shuffled, repeating, per-process sharded loader; `iter()` gives a checkpointable iterator.
+
+  `decode` (decode_example's signature, picklable) makes one example; downstream tasks add fields.
+  """
   _check_batch(global_batch_size, process_index, process_count)
   if not 0 <= seed < 2**32:
     raise UserError(f"seed must be in [0, 2**32) for grain, got {seed}")
@@ -223,15 +227,16 @@ def make_train_loader(data_config, tokenizer: Tokenizer, *, global_batch_size: i
   _ensure_flags_parsed(data_config.worker_count)
   return grain.DataLoader(
       data_source=source, sampler=sampler, shard_options=shard,
-      operations=[_TrainDecode(**_decode_kwargs(data_config, tokenizer)),
+      operations=[_TrainDecode(decode, **_decode_kwargs(data_config, tokenizer)),
                   grain.Batch(global_batch_size // process_count, drop_remainder=True)],
       worker_count=data_config.worker_count, read_options=_read_options(data_config))
 
 
 def make_eval_loader(data_config, tokenizer: Tokenizer, *, split: str | None = None,
-                     global_batch_size: int, process_index: int,
-                     process_count: int) -> grain.DataLoader:
-  """One ordered pass over `split` (default data_config.eval_split); see _EvalShard for padding."""
+                     global_batch_size: int, process_index: int, process_count: int,
+                     decode=decode_example) -> grain.DataLoader:
+  """One ordered pass over `split` (default data_config.eval_split); see _EvalShard for padding.
+  `decode` as in make_train_loader (called with rng=None)."""
   _check_batch(global_batch_size, process_index, process_count)
   source = _EvalShard(get_source(data_config, split or data_config.eval_split),
                       global_batch_size, process_index, process_count)
@@ -241,6 +246,6 @@ def make_eval_loader(data_config, tokenizer: Tokenizer, *, split: str | None = N
       sampler=grain.IndexSampler(len(source), shard_options=grain.NoSharding(), shuffle=False,
                                  num_epochs=1),
       shard_options=grain.NoSharding(),
-      operations=[_EvalDecode(**_decode_kwargs(data_config, tokenizer)),
+      operations=[_EvalDecode(decode, **_decode_kwargs(data_config, tokenizer)),
                   grain.Batch(global_batch_size // process_count, drop_remainder=True)],
       worker_count=data_config.worker_count, read_options=_read_options(data_config))
