@@ -253,11 +253,11 @@ def _print_results(results: dict, is_main: bool) -> None:
   print(metrics_lib.format_table(table))
 
 
-def parse_flags_or_exit(argv) -> None:
-  """Parses flags once up front so that a bad override (an unknown config field, a malformed
-  value, an unknown `:arg` knob) is one line on stderr, not a traceback from ml_collections."""
+def parse_flags_or_exit(argv):
+  """absl flags parser: a bad override (an unknown config field, a malformed value, an unknown
+  `:arg` knob) becomes one line on stderr, not a traceback from ml_collections."""
   try:
-    FLAGS(argv)
+    return FLAGS(argv)
   except Exception as e:  # pylint: disable=broad-except -- all of these are bad user input
     lines = [l for l in str(e).strip().splitlines() if l.strip()] or [type(e).__name__]
     print(f'error: bad command line: {lines[-1] if len(lines) > 1 else lines[0]}',
@@ -267,6 +267,5 @@ def parse_flags_or_exit(argv) -> None:
 
 if __name__ == '__main__':
   define_flags()
-  parse_flags_or_exit(sys.argv)
   flags.mark_flags_as_required(['config'])
-  app.run(main)
+  app.run(main, flags_parser=parse_flags_or_exit)
