@@ -91,6 +91,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   logging.info('workdir %s, %d processes, %d devices', workdir, jax.process_count(),
                jax.device_count())
 
+  # Paths the user gave are checked before minutes of data building or teacher training.
+  if config.resume:
+    checkpointing.resolve_checkpoint_path(config.resume)
+
   # --- mesh ---
   mesh = sharding_lib.make_mesh(config.mesh)
   config_lib.validate(config, sharding_lib.batch_size_per_shard(mesh), jax.process_count())
