@@ -283,9 +283,9 @@ def build_trainer(config, *, mesh, total_steps: int, warmup_steps: int, teacher=
                   vocab_size: int | None = None, text: TextSpec | None = None) -> Trainer:
   """`text` (or just `vocab_size`, with default special ids) describes the tokenizer."""
   text = text or TextSpec(vocab_size)
-  if (config.get('task', 'clusterstm') == 'clusterstm'
-      and config.mask.strategy in masking.CLUSTER_STRATEGIES and teacher is None):
-    raise ValueError(f'mask.strategy={config.mask.strategy!r} needs a teacher (config.teacher)')
+  if needs_teacher(config) and teacher is None:
+    raise ValueError(f'mask.strategy={config.mask.strategy!r} / loss_weights.mrm need a teacher '
+                     '(config.teacher)')
   task = make_task(config, text, teacher)
   tx, schedule = make_optimizer(config, total_steps, warmup_steps)
   rules = sharding_lib.logical_rules(config.sharding_rules)

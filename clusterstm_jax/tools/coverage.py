@@ -159,8 +159,8 @@ def main(argv):
   from clusterstm_jax import step as step_lib
   from clusterstm_jax.errors import UserError
   from clusterstm_jax.masking import strategies
-  config = FLAGS.config
   try:
+    config = with_ratio(FLAGS.config, FLAGS.ratio)  # a bad ratio fails before any loading
     _, tokenizer, teacher = load(config)
     table = coverage_table(config, teacher, tokenizer, ratio=FLAGS.ratio,
                            batch_size=FLAGS.batch_size, num_batches=FLAGS.num_batches,
