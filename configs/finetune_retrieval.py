@@ -25,6 +25,7 @@ def finetune_config(task: str, arg) -> ml_collections.ConfigDict:
   config.init = 'workdirs/pretrain_smoke/export' if arg.smoke else 'workdirs/pretrain/export'
   del config['teacher'], config['mrm']
   config.model.decoder.out_dim = 0  # the MAE decoder only serves MRM; its weights are skipped
+  config.unmasked_steps = 0  # pretraining's unmasked tuning: fine-tuning masks nothing anyway
   config.log_every_steps = 20
   config.checkpoint_every_steps = 1000
   if arg.smoke:
