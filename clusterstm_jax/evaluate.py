@@ -159,16 +159,36 @@ def evaluate_retrieval(config, ev, params, tokenizer, mesh):
     raise UserError(f'rerank_batch_size={ev.rerank_batch_size} is not a multiple of the '
                     f'{shards} data-parallel shards')
 
-  def score(text_idx, video_idx):
-    return np.asarray(match_scores(params, *tables, _put(text_idx, pairs),
-                                   _put(video_idx, pairs)))
-
-  t2v = metrics_lib.rerank_topk(sim, score, ev.k, ev.rerank_batch_size)
-  v2t = metrics_lib.rerank_topk(sim.T, lambda v, t: score(t, v), ev.k, ev.rerank_batch_size)
+  score = _PairScores(lambda t, v: np.asarray(match_scores(params, *tables, _put(t, pairs),
+                                                          _put(v, pairs))),
+                      ev.rerank_batch_size, num_videos=sim.shape[1])
+  t2v = metrics_lib.rerank_topk(sim, score, ev.k)
+  v2t = metrics_lib.rerank_topk(sim.T, lambda v, t: score(t, v), ev.k)
   out.update({f't2v_{k}': v for k, v in metrics_lib.retrieval_metrics(t2v, gt).items()})
   out.update({f'v2t_{k}': v for k, v in metrics_lib.retrieval_metrics(v2t, gt).items()})
   out['num_videos'] = float(sim.shape[1])
   return out, {}
+
+
+class _PairScores:
+  """Matching-head scores of (text, video) pairs, each pair computed once: the t2v and v2t
+  top-k lists share most of their pairs. New pairs go to `fn` in chunks of exactly
+  `batch_size` (the last one padded), so the jitted head sees one static shape."""
+
+  def __init__(self, fn, batch_size: int, num_videos: int):
+    self._fn, self._batch_size, self._num_videos = fn, batch_size, num_videos
+    self._known: dict[int, float] = {}
+
+  def __call__(self, text_idx: np.ndarray, video_idx: np.ndarray) -> np.ndarray:
+    keys = text_idx.astype(np.int64) * self._num_videos + video_idx
+    new = np.unique([k for k in keys.tolist() if k not in self._known]).astype(np.int64)
+    for start in range(0, new.size, self._batch_size):
+      chunk = new[start:start + self._batch_size]
+      padded = np.pad(chunk, (0, self._batch_size - chunk.size), mode='edge')
+      out = self._fn((padded // self._num_videos).astype(np.int32),
+                     (padded % self._num_videos).astype(np.int32))
+      self._known.update(zip(chunk.tolist(), out[:chunk.size].tolist()))
+    return np.asarray([self._known[k] for k in keys.tolist()])
 
 
 def evaluate_qa(config, ev, params, tokenizer, mesh):
@@ -334,6 +354,7 @@ def main(argv) -> None:
 if __name__ == '__main__':
   from absl import app, flags
   from ml_collections import config_flags
+  from clusterstm_jax import train
   config_flags.DEFINE_config_file('config', None, 'configs/eval_<type>.py', lock_config=True)
   flags.mark_flags_as_required(['config'])
-  app.run(main)
+  app.run(main, flags_parser=train.parse_flags_or_exit)  # a bad override: one line on stderr

@@ -145,6 +145,9 @@ def export_run(workdir: str, out_dir: str | None = None) -> str:
 def main(argv):
   del argv
   from absl import flags
+  from absl import logging
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax's INFO lines would bury the one result line
   try:
     out = export_run(flags.FLAGS.workdir, flags.FLAGS.out)
   except UserError as e:
