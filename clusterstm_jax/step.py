@@ -111,6 +111,9 @@ class Task:
   loss_fn: Callable      # (params, batch, rng, teacher_params) -> (loss, metrics)
   encode_video: Callable  # (params, video uint8 [B,T,H,W,3]) -> normalised [B,T,E]
   encode_text: Callable   # (params, ids [B,L]) -> normalised [B,E]
+  # The same objective on every token (no masking, no MRM, no teacher): FLIP's "unmasked
+  # tuning", run for the last `config.unmasked_steps` steps. None where a task has no masking.
+  unmasked_loss_fn: Callable | None = None
 
 
 def make_task(config, text: 'TextSpec', teacher=None) -> Task:
@@ -147,21 +150,24 @@ def _clusterstm_task(config, text: TextSpec, teacher) -> Task:
   if use['mrm'] and not config.model.decoder.out_dim:
     raise ValueError('loss_weights.mrm > 0 needs model.decoder.out_dim (the teacher width)')
 
-  def loss_fn(params, batch, rng, teacher_params):
+  def loss_fn(params, batch, rng, teacher_params, *, unmasked=False):
     mask_rng, dropout_rng, vtm_rng, mlm_rng = jax.random.split(rng, 4)
     video = normalize_video(batch['video'])
     ids = batch['text']
     b = video.shape[0]
     apply = functools.partial(model.apply, {'params': params}, rngs={'dropout': dropout_rng})
+    use_mrm = use['mrm'] and not unmasked
 
     # Teacher: all tokens of every frame (no gradient), used by the masking and the MRM target.
-    features = None
-    if teacher is not None:
+    features = mask = None
+    if teacher is not None and not unmasked:
       features = jax.lax.stop_gradient(teacher.frame_tokens(teacher_params, video))
-    mask = masking.mask_from_config(config.mask, mask_rng, (b, t, n), features)
+    if not unmasked:
+      mask = masking.mask_from_config(config.mask, mask_rng, (b, t, n), features)
 
-    # Student on the visible tokens only.
-    video_feat, tokens = apply(video, mask.keep_idx, train=True, method=model.encode_video)
+    # Student on the visible tokens only (every token during unmasked tuning).
+    keep_idx = None if unmasked else mask.keep_idx
+    video_feat, tokens = apply(video, keep_idx, train=True, method=model.encode_video)
     text_feat, hidden = apply(ids, train=True, method=model.encode_text)
     temperature = apply(method=model.temperature)
     sim = objectives.video_text_similarity(video_feat, text_feat)
@@ -183,7 +189,7 @@ def _clusterstm_task(config, text: TextSpec, teacher) -> Task:
       _, masked_hidden = apply(masked_ids, train=True, method=model.encode_text)
       fused = apply(masked_hidden, masked_ids, tokens, train=True, method=model.fuse)
       terms['mlm'] = losses_lib.mlm_loss(apply(fused, method=model.mlm_logits), targets, mlm_w)
-    if use['mrm']:
+    if use_mrm:
       k = config.mrm.window
       pooled = teacher.relevance_tokens(teacher_params, features, (h, w), k)
       text_emb = jax.lax.stop_gradient(teacher.text_embedding(teacher_params, ids))
@@ -195,9 +201,10 @@ def _clusterstm_task(config, text: TextSpec, teacher) -> Task:
 
     loss = sum(weights.get(k, 0.0) * v for k, v in terms.items() if use[k] or k == 'vtc')
     metrics = dict(terms, temperature=temperature)
-    token_obj = mask_stats.token_objects(batch['labels'], patch)
-    metrics.update({f'mask/{k}': v for k, v in
-                    mask_stats.mask_stats(mask.keep_mask, token_obj).items()})
+    if mask is not None:
+      token_obj = mask_stats.token_objects(batch['labels'], patch)
+      metrics.update({f'mask/{k}': v for k, v in
+                      mask_stats.mask_stats(mask.keep_mask, token_obj).items()})
     return loss, metrics
 
   def encode_video(params, video):
@@ -209,7 +216,8 @@ def _clusterstm_task(config, text: TextSpec, teacher) -> Task:
 
   s, l = config.data.image_size, config.data.max_text_len
   inputs = (jnp.zeros((2, t, s, s, 3), jnp.float32), jnp.zeros((2, l), jnp.int32))
-  return Task(model, inputs, loss_fn, encode_video, encode_text)
+  return Task(model, inputs, loss_fn, encode_video, encode_text,
+              unmasked_loss_fn=functools.partial(loss_fn, unmasked=True))
 
 
 def _siglip_task(config, vocab_size) -> Task:
@@ -258,6 +266,8 @@ class Trainer:
   encode_text: Callable
   teacher: Any = None     # frozen teacher; its params are passed to the step, never trained
   lower: Callable = None  # (batch_size) -> jax.stages.Lowered of the train step, no data needed
+  # The step of the last `config.unmasked_steps` steps (every token, no MRM); None when unused.
+  train_step_unmasked: Callable | None = None
 
 
 def state_layout(task: Task, tx, mesh, rules):
@@ -296,10 +306,10 @@ def build_trainer(config, *, mesh, total_steps: int, warmup_steps: int, teacher=
     params = nn.unbox(init_params(rng))
     return dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
-  def train_step(state, batch, base_key, teacher_params):
+  def train_step(state, batch, base_key, teacher_params, loss_fn=task.loss_fn):
     # Randomness from (base key, step): a resumed run replays exactly the same masks/dropout.
     rng = jax.random.fold_in(base_key, state['step'])
-    (loss, metrics), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state['params'], batch, rng, teacher_params)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
@@ -316,6 +326,14 @@ def build_trainer(config, *, mesh, total_steps: int, warmup_steps: int, teacher=
     jitted = jax.jit(train_step,
                      in_shardings=(state_shardings, batch_shard, repl, teacher_shardings),
                      out_shardings=(state_shardings, repl), donate_argnums=(0,))
+    jitted_unmasked = None
+    if config.get('unmasked_steps', 0) > 0:
+      if task.unmasked_loss_fn is None:
+        raise ValueError(f'unmasked_steps > 0 needs a masked task, not {config.get("task")!r}')
+      jitted_unmasked = jax.jit(
+          functools.partial(train_step, loss_fn=task.unmasked_loss_fn),
+          in_shardings=(state_shardings, batch_shard, repl, teacher_shardings),
+          out_shardings=(state_shardings, repl), donate_argnums=(0,))
     enc_v = jax.jit(task.encode_video, out_shardings=repl)
     enc_t = jax.jit(task.encode_text, out_shardings=repl)
   teacher_params = teacher.params if teacher is not None else None
@@ -342,6 +360,8 @@ def build_trainer(config, *, mesh, total_steps: int, warmup_steps: int, teacher=
   return Trainer(config=config, task=task, tx=tx, schedule=schedule, mesh=mesh, rules=rules,
                  state_shardings=state_shardings, abstract_state=abstract_state,
                  train_step=under_mesh(lambda s, b, k: jitted(s, b, k, teacher_params)),
+                 train_step_unmasked=(None if jitted_unmasked is None else under_mesh(
+                     lambda s, b, k: jitted_unmasked(s, b, k, teacher_params))),
                  init_state=under_mesh(init_state), encode_video=under_mesh(enc_v),
                  encode_text=under_mesh(enc_t), teacher=teacher, lower=under_mesh(lower))
 

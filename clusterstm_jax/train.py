@@ -104,6 +104,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   tokenizer = pipeline.get_tokenizer(config.data)
   total_steps = config_lib.steps('total', config, data_size=train_size,
                                  batch_size=config.batch_size)
+  if not 0 <= config.get('unmasked_steps', 0) < total_steps:
+    raise config_lib.ConfigError(f'unmasked_steps={config.unmasked_steps} must be in '
+                                 f'[0, total_steps={total_steps})')
   warmup_steps = config_lib.steps('warmup', config, data_size=train_size,
                                   batch_size=config.batch_size, default=0)
   train_loader = pipeline.make_train_loader(
@@ -170,7 +173,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   sharding_lib.sync_processes('train:loop')  # all processes start stepping together
   while step < stop_at:
     batch = sharding_lib.global_batch(next(train_iter), mesh)
-    state, metrics = trainer.train_step(state, batch, base_key)
+    step_fn = trainer.train_step
+    if step >= total_steps - config.get('unmasked_steps', 0):  # FLIP-style unmasked tuning
+      step_fn = trainer.train_step_unmasked
+    state, metrics = step_fn(state, batch, base_key)
     step += 1
     bar.update(1)
     if step % config.log_every_steps == 0 or step == total_steps:
