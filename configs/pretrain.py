@@ -61,13 +61,13 @@ def get_config(arg=None):
 
   config.batch_size = 64
   config.eval_batch_size = 128
-  config.total_steps = 300
-  config.warmup_steps = 30
+  config.total_steps = 200
+  config.warmup_steps = 20
   # FLIP's unmasked tuning: the last steps see every token (VTC/VTM/MLM; no MRM, no teacher).
   # A student trained only on the ~15% of tokens ClusterSTM keeps (mostly on objects) pools a
   # very different mean over all tokens; a few unmasked steps close that train/test gap for
   # full-token evaluation (README, "Zero-shot evaluation"). 0 = off (the paper recipe).
-  config.unmasked_steps = 30
+  config.unmasked_steps = 20
   config.optax.lr = 1e-3
   config.optax.wd = 0.02
   config.log_every_steps = 20

@@ -31,12 +31,12 @@ def get_config(arg=None):
 
   config.batch_size = 64
   config.eval_batch_size = 128
-  config.total_steps = 200
-  config.warmup_steps = 20
+  config.total_steps = 100
+  config.warmup_steps = 10
   config.optax.lr = 1e-3
   config.optax.wd = 1e-4
   config.log_every_steps = 25
-  config.checkpoint_every_steps = 200
+  config.checkpoint_every_steps = 100
 
   if arg.smoke:
     config.data.builder_config = 'tiny'
