@@ -306,7 +306,7 @@ def build_trainer(config, *, mesh, total_steps: int, warmup_steps: int, teacher=
     params = nn.unbox(init_params(rng))
     return dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
-  def train_step(state, batch, base_key, teacher_params, loss_fn=task.loss_fn):
+  def train_step(state, batch, base_key, teacher_params, *, loss_fn):
     # Randomness from (base key, step): a resumed run replays exactly the same masks/dropout.
     rng = jax.random.fold_in(base_key, state['step'])
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -323,17 +323,17 @@ def build_trainer(config, *, mesh, total_steps: int, warmup_steps: int, teacher=
   teacher_shardings = teacher.param_shardings if teacher is not None else None
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     init_state = jax.jit(_init, out_shardings=state_shardings)
-    jitted = jax.jit(train_step,
+    def jit_step(loss_fn):
+      return jax.jit(functools.partial(train_step, loss_fn=loss_fn),
                      in_shardings=(state_shardings, batch_shard, repl, teacher_shardings),
                      out_shardings=(state_shardings, repl), donate_argnums=(0,))
+
+    jitted = jit_step(task.loss_fn)
     jitted_unmasked = None
     if config.get('unmasked_steps', 0) > 0:
       if task.unmasked_loss_fn is None:
         raise ValueError(f'unmasked_steps > 0 needs a masked task, not {config.get("task")!r}')
-      jitted_unmasked = jax.jit(
-          functools.partial(train_step, loss_fn=task.unmasked_loss_fn),
-          in_shardings=(state_shardings, batch_shard, repl, teacher_shardings),
-          out_shardings=(state_shardings, repl), donate_argnums=(0,))
+      jitted_unmasked = jit_step(task.unmasked_loss_fn)
     enc_v = jax.jit(task.encode_video, out_shardings=repl)
     enc_t = jax.jit(task.encode_text, out_shardings=repl)
   teacher_params = teacher.params if teacher is not None else None
@@ -343,6 +343,10 @@ def build_trainer(config, *, mesh, total_steps: int, warmup_steps: int, teacher=
       with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         return fn(*args)
     return wrapped
+
+  def bind(jitted_step):
+    """(state, batch, base_key) -> (state, metrics), the frozen teacher params bound."""
+    return under_mesh(lambda s, b, k: jitted_step(s, b, k, teacher_params))
 
   def lower(batch_size: int):
     """Ahead-of-time lowering on abstract inputs (compile reports, paper-scale checks)."""
@@ -359,9 +363,8 @@ def build_trainer(config, *, mesh, total_steps: int, warmup_steps: int, teacher=
 
   return Trainer(config=config, task=task, tx=tx, schedule=schedule, mesh=mesh, rules=rules,
                  state_shardings=state_shardings, abstract_state=abstract_state,
-                 train_step=under_mesh(lambda s, b, k: jitted(s, b, k, teacher_params)),
-                 train_step_unmasked=(None if jitted_unmasked is None else under_mesh(
-                     lambda s, b, k: jitted_unmasked(s, b, k, teacher_params))),
+                 train_step=bind(jitted),
+                 train_step_unmasked=None if jitted_unmasked is None else bind(jitted_unmasked),
                  init_state=under_mesh(init_state), encode_video=under_mesh(enc_v),
                  encode_text=under_mesh(enc_t), teacher=teacher, lower=under_mesh(lower))
 
