@@ -40,10 +40,14 @@ class Teacher:
     return self.model.apply({'params': params}, ids, method=self.model.encode_text)
 
   def relevance_tokens(self, params, tokens, grid_hw, k: int = 3):
-    """Every token pooled with its k x k neighbours by the teacher's MAP head: [B,T,N,D]."""
-    windows, mask = relevance_windows(tokens, grid_hw, k)
-    pooled = self.model.apply({'params': params}, windows, mask, method=self.model.map_pool)
-    return pooled.reshape(*tokens.shape[:3], pooled.shape[-1])
+    """Every token pooled with its k x k neighbours by the teacher's MAP head: [B,T,N,D].
+
+    Equal to map_pool over relevance_windows(tokens, grid_hw, k) (tests/test_models.py), but
+    each token's key and value are projected once, not once per window it sits in."""
+    b, t, n, d = tokens.shape
+    grid = tokens.reshape(b * t, *grid_hw, d)
+    pooled = self.model.apply({'params': params}, grid, k, method=self.model.map_pool_windows)
+    return pooled.reshape(b, t, n, pooled.shape[-1])
 
 
 

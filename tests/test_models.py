@@ -340,6 +340,26 @@ def test_siglip_shapes_and_map_pool_equals_encode_image(siglip_setup):
     model.apply(params, images[:, :8], method=model.encode_image)
 
 
+@pytest.mark.parametrize("out_dim", [None, 24])
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_map_pool_windows_equals_map_pool_over_explicit_windows(out_dim, k):
+  # The MRM target pools every token's k x k window once per token (keys/values projected
+  # once); it must equal the MAP head run on each window built explicitly, borders included.
+  from clusterstm_jax import teacher as teacher_lib
+  model = siglip.SigLIP("Pico/8", image_size=(32, 40), vocab_size=VOCAB, text_len=LEN,
+                        out_dim=out_dim)
+  images = jax.random.uniform(jax.random.key(5), (2, 32, 40, 3), minval=-1, maxval=1)
+  ids = jax.random.randint(jax.random.key(6), (2, LEN), 1, VOCAB)
+  params = nn.unbox(model.init(KEY, images, ids))
+  tokens = jax.random.normal(jax.random.key(7), (2, 3, 20, 32))  # B=2, T=3, 4x5 grid
+  windows, mask = teacher_lib.relevance_windows(tokens, (4, 5), k)
+  want = model.apply(params, windows, mask, method=model.map_pool).reshape(2, 3, 20, -1)
+  t = teacher_lib.Teacher(model=model, params=params["params"], param_shardings=None)
+  got = t.relevance_tokens(params["params"], tokens, (4, 5), k)
+  assert got.shape == want.shape == (2, 3, 20, out_dim or 32)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_map_pool_single_token_matches_numpy(siglip_setup):
   model, params, images, _ = siglip_setup
   _, aux = model.apply(params, images, method=model.encode_image)

@@ -280,20 +280,63 @@ class MAPHead(nn.Module):
 
   __call__(x [N, K, D], mask [N, K] or None) -> [N, D]. Children: `probe`,
   MultiHeadDotProductAttention_0, LayerNorm_0, MlpBlock_0.
+  windows(grid [M, h, w, D], k) -> [M, h, w, D]: the same pooling of every token's k x k
+  spatial window (clipped at borders), computed once per token instead of once per window.
   """
   mlp_dim: int
   num_heads: int
   dtype: Dtype = jnp.float32
+  width: int = 0  # the tokens' width D (the probe's size)
 
-  @nn.compact
+  def setup(self):
+    if self.width <= 0:
+      raise ValueError(f"MAPHead needs the token width, got width={self.width}")
+    # Setup-style with the names @nn.compact gave them (checkpoints and big_vision agree).
+    self.probe = self.param("probe", _part(nn.initializers.xavier_uniform(), (None, None, "embed")),
+                            (1, 1, self.width), jnp.float32)
+    self.MultiHeadDotProductAttention_0 = attention(self.num_heads, self.dtype)  # pylint: disable=invalid-name
+    self.LayerNorm_0 = layer_norm(self.dtype)  # pylint: disable=invalid-name
+    self.MlpBlock_0 = MlpBlock(self.mlp_dim, dtype=self.dtype)  # pylint: disable=invalid-name
+
+  def _finish(self, x):
+    return x + self.MlpBlock_0(self.LayerNorm_0(x))
+
   def __call__(self, x, mask=None):
     if x.ndim != 3:
       raise ValueError(f"MAPHead input must be [batch, tokens, dim], got shape {x.shape}")
     n, _, d = x.shape
-    probe = self.param("probe", _part(nn.initializers.xavier_uniform(), (None, None, "embed")),
-                       (1, 1, d), jnp.float32)
-    probe = jnp.tile(probe.astype(x.dtype), [n, 1, 1])
-    x = attention(self.num_heads, self.dtype)(probe, x, mask=key_mask(mask))
-    y = layer_norm(self.dtype)(x)
-    x = x + MlpBlock(self.mlp_dim, dtype=self.dtype)(y)
-    return x[:, 0]
+    if d != self.width:
+      raise ValueError(f"MAPHead of width {self.width} got tokens of width {d}")
+    probe = jnp.tile(self.probe.astype(x.dtype), [n, 1, 1])
+    x = self.MultiHeadDotProductAttention_0(probe, x, mask=key_mask(mask))
+    return self._finish(x)[:, 0]
+
+  def windows(self, grid, k: int = 3):
+    """MAP pooling of every token with its k x k neighbours, exactly __call__ on each window.
+
+    One probe query: its logit for key j is x_j . (W_k q) + b_k . q, and the values are a
+    projection of x_j, so both are computed once per token and gathered per window (a token
+    sits in k*k windows). The windowed path costs ~k*k times fewer key/value FLOPs.
+    """
+    if grid.ndim != 4 or k % 2 != 1:
+      raise ValueError(f"windows needs grid [M, h, w, D] and an odd k, got {grid.shape}, k={k}")
+    m, h, w, d = grid.shape
+    x = grid.astype(self.dtype)
+    p = self.MultiHeadDotProductAttention_0.variables["params"]
+    cast = lambda a: jnp.asarray(a, self.dtype)
+    q = jnp.einsum("d,dhc->hc", cast(self.probe)[0, 0], cast(p["query"]["kernel"]))
+    q = (q + cast(p["query"]["bias"])) / jnp.sqrt(q.shape[-1]).astype(self.dtype)
+    logit = (jnp.einsum("mijd,dhc,hc->mijh", x, cast(p["key"]["kernel"]), q)
+             + jnp.einsum("hc,hc->h", cast(p["key"]["bias"]), q))
+    v = jnp.einsum("mijd,dhc->mijhc", x, cast(p["value"]["kernel"])) + cast(p["value"]["bias"])
+    r = k // 2
+    big_neg = jnp.finfo(logit.dtype).min  # what flax's masked softmax uses
+    logit = jnp.pad(logit, ((0, 0), (r, r), (r, r), (0, 0)), constant_values=big_neg)
+    v = jnp.pad(v, ((0, 0), (r, r), (r, r), (0, 0), (0, 0)))
+    offs = [(dy, dx) for dy in range(k) for dx in range(k)]
+    logits = jnp.stack([logit[:, dy:dy + h, dx:dx + w] for dy, dx in offs], axis=-1)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+    out = sum(weights[..., i, None] * v[:, dy:dy + h, dx:dx + w]
+              for i, (dy, dx) in enumerate(offs))  # [m, h, w, H, c]
+    out = jnp.einsum("mijhc,hcd->mijd", out, cast(p["out"]["kernel"])) + cast(p["out"]["bias"])
+    return self._finish(out)

@@ -57,7 +57,7 @@ class _ImageTower(nn.Module):
         self.dims["depth"], self.dims["mlp_dim"], self.dims["num_heads"], self.dropout,
         dtype=self.dtype)
     self.MAPHead_0 = common.MAPHead(  # pylint: disable=invalid-name
-        self.dims["mlp_dim"], self.dims["num_heads"], dtype=self.dtype)
+        self.dims["mlp_dim"], self.dims["num_heads"], dtype=self.dtype, width=d)
     self.embed_dropout = nn.Dropout(rate=self.dropout)
     if self.out_dim:
       # big_vision zero-initialises the classification/projection head.
@@ -69,6 +69,11 @@ class _ImageTower(nn.Module):
     """MAP head (+ head if any) on [M, k, D] tokens -> [M, out]."""
     x = self.MAPHead_0(tokens, mask)
     return (self.head(x) if self.out_dim else x), x
+
+  def pool_windows(self, grid, k):
+    """MAP head (+ head if any) of every k x k window of grid [M, h, w, D] -> [M, h, w, out]."""
+    x = self.MAPHead_0.windows(grid, k)
+    return self.head(x) if self.out_dim else x
 
   def __call__(self, images, *, train: bool = False):
     x = self.embedding(images.astype(self.dtype))
@@ -190,6 +195,11 @@ class SigLIP(nn.Module):
     if tokens.ndim != 3:
       raise ValueError(f"map_pool tokens must be [M, k, D], got shape {tokens.shape}")
     return self.img.pool(tokens, mask)[0]
+
+  def map_pool_windows(self, grid, k: int = 3):
+    """map_pool of every token's k x k spatial window (clipped at borders), computed without
+    building the windows: grid [M, h, w, D] -> [M, h, w, out]."""
+    return self.img.pool_windows(grid, k)
 
   def __call__(self, images, ids, *, train: bool = False):
     """-> (zimg, ztxt, aux) unnormalised; aux: 't' (log temperature) and 'b' params [1],
