@@ -353,9 +353,9 @@ def build_trainer(config, *, mesh, total_steps: int, warmup_steps: int, teacher=
   teacher_params = teacher.params if teacher is not None else None
 
   def under_mesh(fn):
-    def wrapped(*args):
+    def wrapped(*args, **kwargs):
       with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        return fn(*args)
+        return fn(*args, **kwargs)
     return wrapped
 
   def bind(jitted_step):

@@ -89,7 +89,7 @@ def get_config(arg=None):
     config.data.tokenizer = ''      # set to SigLIP's sentencepiece .model
     config.data.eval_split = 'val'
     # UMT's 5M pairs: WebVid-2M videos and CC3M images in alternating whole batches of the same
-    # size (UMT interleaves by dataset length; ~2.5M videos vs ~2.9M images is close to 1:1).
+    # size (UMT interleaves its loaders in proportion to their lengths, which are similar here).
     config.images.update(every=2, name='cc3m', builder_config='', split='train', batch_size=-1)
     config.teacher.init = ''        # set to the SigLIP B/16 checkpoint
     config.model.vision_variant = 'B/16'

@@ -139,6 +139,8 @@ def test_image_step_has_t1_and_keeps_the_densest_token_per_cluster(data_dir, str
   assert np.isfinite(float(loss)) and float(metrics['mrm']) > 0
   assert len(seen) == 1
   shape = seen[0][0]
+  # The jitted image step's own program (what train.py runs) takes T = 1 batches.
+  assert f'tensor<8x1x{s}x{s}x3xui8>' in trainer.lower(8, image=True).as_text()
   h = s // step_lib.patch_size(config)
   n = h * h
   nc = strategies.num_keep(n, config.mask.ratio)
