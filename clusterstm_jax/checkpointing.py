@@ -1,9 +1,10 @@
 """Orbax checkpoints: train state + data-iterator state + config, atomic and asynchronous.
 
-A checkpoint step directory holds three items:
-  state   the train state pytree (params, optimizer state, step), saved sharded;
-  data    the grain iterator state (per process), so a resumed run reads the same data;
-  config  the run's config as JSON (no pickles anywhere).
+A checkpoint step directory holds three items, four with an image stream:
+  state       the train state pytree (params, optimizer state, step), saved sharded;
+  data        the grain iterator state (per process), so a resumed run reads the same data;
+  image_data  the image stream's grain iterator state (config.images), beside the video one;
+  config      the run's config as JSON (no pickles anywhere).
 Orbax writes every step into a temporary directory and renames it when complete, so an interrupted
 save never reads as a checkpoint; `latest_step` only sees finished ones.
 """
@@ -26,12 +27,13 @@ class CheckpointError(UserError):
 
 
 def make_manager(directory: str, *, max_to_keep: int = 2, save_interval_steps: int = 1,
-                 async_save: bool = True, with_data: bool = True,
+                 async_save: bool = True, with_data: bool = True, with_image_data: bool = False,
                  read_only: bool = False) -> ocp.CheckpointManager:
-  items = ('state', 'config') + (('data',) if with_data else ())
+  data_items = (('data',) if with_data else ()) + (('image_data',) if with_image_data else ())
+  items = ('state', 'config') + data_items
   handlers = {'state': ocp.StandardCheckpointHandler(), 'config': ocp.JsonCheckpointHandler()}
-  if with_data:
-    handlers['data'] = grain.PyGrainCheckpointHandler()
+  for item in data_items:
+    handlers[item] = grain.PyGrainCheckpointHandler()
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
       enable_async_checkpointing=async_save, create=not read_only, read_only=read_only,
@@ -41,18 +43,27 @@ def make_manager(directory: str, *, max_to_keep: int = 2, save_interval_steps: i
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, config: ml_collections.ConfigDict,
-         data_iter=None, *, force: bool = False) -> bool:
+         data_iter=None, *, image_iter=None, force: bool = False) -> bool:
   args = {'state': ocp.args.StandardSave(state), 'config': ocp.args.JsonSave(config.to_dict())}
   if data_iter is not None:
     args['data'] = grain.PyGrainCheckpointSave(data_iter)
+  if image_iter is not None:  # needs make_manager(with_image_data=True)
+    args['image_data'] = grain.PyGrainCheckpointSave(image_iter)
   return manager.save(step, args=ocp.args.Composite(**args), force=force)
 
 
-def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, data_iter=None):
-  """Restores `state` (born with the shardings of `abstract_state`) and the data iterator."""
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, data_iter=None, *,
+            image_iter=None):
+  """Restores `state` (born with the shardings of `abstract_state`) and the data iterators."""
   args = {'state': ocp.args.StandardRestore(abstract_state)}
   if data_iter is not None:
     args['data'] = grain.PyGrainCheckpointRestore(data_iter)
+  if image_iter is not None:
+    if not (epath.Path(manager.directory) / str(step) / 'image_data').exists():
+      raise CheckpointError(f'checkpoint step {step} in {manager.directory} has no image-stream '
+                            'position (saved with images.every = 0); resume it with '
+                            '--config.images.every=0')
+    args['image_data'] = grain.PyGrainCheckpointRestore(image_iter)
   restored = manager.restore(step, args=ocp.args.Composite(**args))
   return restored['state']
 

@@ -84,6 +84,44 @@ def steps(prefix: str, config: ml_collections.ConfigDict, *, data_size: int | No
   return int(math.ceil(value / batch_size))
 
 
+def image_every(config: ml_collections.ConfigDict) -> int:
+  """k of the image stream (every k-th step is an image step), 0 when there is none."""
+  images = config.get('images')
+  return int(images.every) if images is not None else 0
+
+
+def image_batch_size(config: ml_collections.ConfigDict) -> int:
+  """The image stream's global batch size (images.batch_size; -1 = config.batch_size)."""
+  size = config.images.batch_size
+  return config.batch_size if size == -1 else size
+
+
+def _validate_images(config: ml_collections.ConfigDict, num_devices: int,
+                     process_count: int) -> None:
+  images = config.get('images')
+  if images is None:
+    return
+  every = images.every
+  if isinstance(every, bool) or not isinstance(every, int) or every < 0 or every == 1:
+    raise ConfigError(f'images.every={every!r} must be 0 (no image stream) or an int >= 2 '
+                      '(every k-th step is an image step)')
+  if not every:
+    return
+  if config.get('task', 'clusterstm') != 'clusterstm':
+    raise ConfigError(f'images.every={every} needs task clusterstm, not {config.task!r}')
+  size = image_batch_size(config)
+  if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+    raise ConfigError(f'images.batch_size={images.batch_size!r} must be a positive int '
+                      '(or -1: batch_size)')
+  for count, what in ((process_count, 'processes'),
+                      (num_devices, 'data-parallel shards of the mesh')):
+    if size % count:
+      raise ConfigError(f'images.batch_size={size} is not divisible by the {count} {what}')
+  if not images.name or not images.split:
+    raise ConfigError(f'images.name={images.name!r} and images.split={images.split!r} must '
+                      'name the image dataset and its split (e.g. cc3m, train)')
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int, process_count: int) -> None:
   """Checks cross-field constraints that would otherwise fail deep inside jit."""
   if config.batch_size % process_count:
@@ -92,6 +130,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
   if config.batch_size % num_devices:
     raise ConfigError(f'batch_size={config.batch_size} is not divisible by the '
                       f'{num_devices} data-parallel shards of the mesh')
+  _validate_images(config, num_devices, process_count)
   mask = config.get('mask')
   if mask is not None and not 0.0 <= mask.ratio < 1.0:
     raise ConfigError(f'mask.ratio={mask.ratio} must be in [0, 1)')

@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from clusterstm_jax import config_lib
 from clusterstm_jax import losses as losses_lib
 from clusterstm_jax import objectives
 from clusterstm_jax import sharding as sharding_lib
@@ -83,12 +84,14 @@ def make_optimizer(config, total_steps: int, warmup_steps: int):
   return tx, schedule
 
 
-def dummy_batch(config, batch_size: int) -> dict[str, np.ndarray]:
-  """A batch of the pipeline's shapes and dtypes (used for init and compilation)."""
+def dummy_batch(config, batch_size: int, *, image: bool = False) -> dict[str, np.ndarray]:
+  """A batch of the pipeline's shapes and dtypes (used for init and compilation); `image`: a
+  batch of the image stream (T = 1)."""
   if config.get('task') == 'qa':  # QA batches carry questions and answers (downstream.py)
     from clusterstm_jax import downstream
     return downstream.dummy_batch(config, batch_size)
   t, s, l = config.data.num_frames, config.data.image_size, config.data.max_text_len
+  t = 1 if image else t
   return dict(video=np.zeros((batch_size, t, s, s, 3), np.uint8),
               text=np.zeros((batch_size, l), np.int32),
               labels=np.zeros((batch_size, t, s, s), np.uint8),
@@ -142,7 +145,7 @@ class TextSpec:
 
 def _clusterstm_task(config, text: TextSpec, teacher) -> Task:
   model = make_model(config, text.vocab_size)
-  t, h, w = grid(config)
+  t, h, w = grid(config)  # t: the init inputs' frames; the loss takes T from each batch
   n = h * w
   patch = patch_size(config)
   weights = config.loss_weights
@@ -154,7 +157,9 @@ def _clusterstm_task(config, text: TextSpec, teacher) -> Task:
     mask_rng, dropout_rng, vtm_rng, mlm_rng = jax.random.split(rng, 4)
     video = normalize_video(batch['video'])
     ids = batch['text']
-    b = video.shape[0]
+    # T from the batch (static under jit): config.data.num_frames for videos, 1 for the image
+    # stream's batches, which then get the T = 1 position tables, masking and decoder grid.
+    b, t = video.shape[:2]
     apply = functools.partial(model.apply, {'params': params}, rngs={'dropout': dropout_rng})
     use_mrm = use['mrm'] and not unmasked
 
@@ -268,6 +273,8 @@ class Trainer:
   lower: Callable = None  # (batch_size) -> jax.stages.Lowered of the train step, no data needed
   # The step of the last `config.unmasked_steps` steps (every token, no MRM); None when unused.
   train_step_unmasked: Callable | None = None
+  # The image stream's step (batches with T = 1, config.images); None when images.every = 0.
+  train_step_image: Callable | None = None
 
 
 def state_layout(task: Task, tx, mesh, rules):
@@ -334,37 +341,48 @@ def build_trainer(config, *, mesh, total_steps: int, warmup_steps: int, teacher=
       if task.unmasked_loss_fn is None:
         raise ValueError(f'unmasked_steps > 0 needs a masked task, not {config.get("task")!r}')
       jitted_unmasked = jit_step(task.unmasked_loss_fn)
+    # Its own jitted function, as the unmasked step: the same loss traced at T = 1 (static
+    # shapes), so video and image steps never retrace each other.
+    jitted_image = None
+    if config_lib.image_every(config):
+      if config.get('task', 'clusterstm') != 'clusterstm':
+        raise ValueError(f'images.every > 0 needs the clusterstm task, not {config.get("task")!r}')
+      jitted_image = jit_step(task.loss_fn)
     enc_v = jax.jit(task.encode_video, out_shardings=repl)
     enc_t = jax.jit(task.encode_text, out_shardings=repl)
   teacher_params = teacher.params if teacher is not None else None
 
   def under_mesh(fn):
-    def wrapped(*args):
+    def wrapped(*args, **kwargs):
       with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        return fn(*args)
+        return fn(*args, **kwargs)
     return wrapped
 
   def bind(jitted_step):
     """(state, batch, base_key) -> (state, metrics), the frozen teacher params bound."""
     return under_mesh(lambda s, b, k: jitted_step(s, b, k, teacher_params))
 
-  def lower(batch_size: int):
-    """Ahead-of-time lowering on abstract inputs (compile reports, paper-scale checks)."""
+  def lower(batch_size: int, *, image: bool = False):
+    """Ahead-of-time lowering on abstract inputs (compile reports, paper-scale checks);
+    `image`: the image stream's step (T = 1)."""
+    if image and jitted_image is None:
+      raise ValueError('lower(image=True) needs an image stream (config.images.every > 0)')
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                          abstract_state, state_shardings)
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_shard[k])
-             for k, v in dummy_batch(config, batch_size).items()}
+             for k, v in dummy_batch(config, batch_size, image=image).items()}
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=repl)
     tparams = None
     if teacher is not None:
       tparams = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                              teacher.params, teacher.param_shardings)
-    return jitted.lower(state, batch, key, tparams)
+    return (jitted_image if image else jitted).lower(state, batch, key, tparams)
 
   return Trainer(config=config, task=task, tx=tx, schedule=schedule, mesh=mesh, rules=rules,
                  state_shardings=state_shardings, abstract_state=abstract_state,
                  train_step=bind(jitted),
                  train_step_unmasked=None if jitted_unmasked is None else bind(jitted_unmasked),
+                 train_step_image=None if jitted_image is None else bind(jitted_image),
                  init_state=under_mesh(init_state), encode_video=under_mesh(enc_v),
                  encode_text=under_mesh(enc_t), teacher=teacher, lower=under_mesh(lower))
 

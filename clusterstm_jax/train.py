@@ -69,6 +69,34 @@ def main(argv) -> None:
     sys.exit(1)
 
 
+def step_kind(config, step: int, total_steps: int) -> str:
+  """What step `step` (0-based) trains on: 'video', 'image' or 'unmasked' (video, every token).
+
+  Decided by the step number alone, so a resumed run switches at the same steps. With
+  images.every = k, steps k-1, 2k-1, ... are image steps (UMT alternates whole batches), except
+  during unmasked tuning: those last steps exist to adapt the video features to all-token
+  evaluation, a masked image step would pull back toward the masked regime, and an unmasked
+  image step would compile a third step for a few steps; so they are all unmasked video steps
+  and the image stream pauses (its position is kept).
+  """
+  from clusterstm_jax import config_lib
+  if step >= total_steps - config.get('unmasked_steps', 0):  # FLIP-style unmasked tuning
+    return 'unmasked'
+  every = config_lib.image_every(config)
+  if every and step % every == every - 1:
+    return 'image'
+  return 'video'
+
+
+def examples_per_step(config) -> float:
+  """Mean examples per step over both streams (epochs count a pass over videos + images)."""
+  from clusterstm_jax import config_lib
+  every = config_lib.image_every(config)
+  if not every:
+    return config.batch_size
+  return ((every - 1) * config.batch_size + config_lib.image_batch_size(config)) / every
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   """Runs (or resumes) training in `workdir`; returns the final evaluation results."""
   import jax
@@ -102,18 +130,30 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # --- data ---
   train_size = len(pipeline.get_source(config.data, config.data.train_split))
   tokenizer = pipeline.get_tokenizer(config.data)
-  total_steps = config_lib.steps('total', config, data_size=train_size,
-                                 batch_size=config.batch_size)
+  image_every = config_lib.image_every(config)
+  image_config = pipeline.image_data_config(config) if image_every else None
+  if image_every:  # an epoch is one pass over the videos and the images (UMT's 5M pairs)
+    train_size += len(pipeline.get_source(image_config, image_config.train_split))
+  per_step = examples_per_step(config)
+  total_steps = config_lib.steps('total', config, data_size=train_size, batch_size=per_step)
   if not 0 <= config.get('unmasked_steps', 0) < total_steps:
     raise config_lib.ConfigError(f'unmasked_steps={config.unmasked_steps} must be in '
                                  f'[0, total_steps={total_steps})')
-  warmup_steps = config_lib.steps('warmup', config, data_size=train_size,
-                                  batch_size=config.batch_size, default=0)
+  warmup_steps = config_lib.steps('warmup', config, data_size=train_size, batch_size=per_step,
+                                  default=0)
   train_loader = pipeline.make_train_loader(
       config.data, tokenizer, global_batch_size=config.batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
       decode=downstream.example_decoder(config))  # QA batches add questions and answers
   train_iter = iter(train_loader)
+  image_iter = None
+  if image_every:
+    # Another shuffle seed than the videos': on shapes, the stand-in reads the same clips, and
+    # the same seed would show each clip's frame right after (or before) the clip itself.
+    image_iter = iter(pipeline.make_train_loader(
+        image_config, tokenizer, global_batch_size=config_lib.image_batch_size(config),
+        seed=(config.seed + 1) % 2**32, process_index=jax.process_index(),
+        process_count=jax.process_count()))
 
   # --- teacher (frozen; its params never enter the train state) ---
   teacher = None
@@ -130,20 +170,21 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # --- restore: own workdir -> config.resume -> config.init -> scratch ---
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   manager = checkpointing.make_manager(
-      ckpt_dir, max_to_keep=config.keep_checkpoints, async_save=config.async_checkpointing)
+      ckpt_dir, max_to_keep=config.keep_checkpoints, async_save=config.async_checkpointing,
+      with_image_data=image_iter is not None)
   abstract = checkpointing.abstract_with_shardings(trainer.abstract_state,
                                                    trainer.state_shardings)
   state = None
   if manager.latest_step() is not None:
     step0 = manager.latest_step()
     logging.info('resuming from %s step %d', ckpt_dir, step0)
-    state = checkpointing.restore(manager, step0, abstract, train_iter)
+    state = checkpointing.restore(manager, step0, abstract, train_iter, image_iter=image_iter)
   elif config.resume:
     rdir, rstep = checkpointing.resolve_checkpoint_path(config.resume)
     logging.info('resuming from %s step %d', rdir, rstep)
-    state = checkpointing.restore(checkpointing.make_manager(rdir, read_only=True,
-                                                             async_save=False),
-                                  rstep, abstract, train_iter)
+    state = checkpointing.restore(checkpointing.make_manager(
+        rdir, read_only=True, async_save=False, with_image_data=image_iter is not None),
+                                  rstep, abstract, train_iter, image_iter=image_iter)
   else:
     state = trainer.init_state(jax.random.key(config.seed))
     if config.init:  # a whole exported model (ours): fine-tuning, continued pretraining
@@ -167,34 +208,48 @@ def train_and_evaluate(config, workdir: str) -> dict:
   base_key = jax.random.key(config.seed + 1)
   bar = tqdm.tqdm(total=total_steps, initial=step, disable=not is_main, dynamic_ncols=True,
                   desc='train', file=sys.stdout)
-  t_last, step_last = time.perf_counter(), step
+  t_last, step_last, examples = time.perf_counter(), step, 0
   last_metrics = None
+  # The latest metrics of each kind since the last log, as (step, metrics on device). Image
+  # steps are logged under 'image/' in rows of their own step, so the two losses never mix.
+  pending = {}
   stop_at = total_steps if config.halt_at_step < 0 else min(config.halt_at_step, total_steps)
   sharding_lib.sync_processes('train:loop')  # all processes start stepping together
   while step < stop_at:
-    batch = sharding_lib.global_batch(next(train_iter), mesh)
-    step_fn = trainer.train_step
-    if step >= total_steps - config.get('unmasked_steps', 0):  # FLIP-style unmasked tuning
-      step_fn = trainer.train_step_unmasked
-    state, metrics = step_fn(state, batch, base_key)
+    kind = step_kind(config, step, total_steps)
+    if kind == 'image':
+      batch = sharding_lib.global_batch(next(image_iter), mesh)
+      state, metrics = trainer.train_step_image(state, batch, base_key)
+    else:
+      batch = sharding_lib.global_batch(next(train_iter), mesh)
+      step_fn = trainer.train_step_unmasked if kind == 'unmasked' else trainer.train_step
+      state, metrics = step_fn(state, batch, base_key)
+    examples += config_lib.image_batch_size(config) if kind == 'image' else config.batch_size
     step += 1
     bar.update(1)
+    pending['image' if kind == 'image' else 'video'] = (step, metrics)
     if step % config.log_every_steps == 0 or step == total_steps:
-      metrics = jax.device_get(metrics)
-      if not all(math.isfinite(float(v)) for v in metrics.values()):
-        bad = sorted(k for k, v in metrics.items() if not math.isfinite(float(v)))
+      rows = sorted((s, 'image/' if k == 'image' else '', jax.device_get(m))
+                    for k, (s, m) in pending.items())
+      pending = {}
+      bad = sorted(p + k for _, p, m in rows for k, v in m.items()
+                   if not math.isfinite(float(v)))
+      if bad:
         manager.wait_until_finished()
         raise FloatingPointError(
             f'non-finite {bad} between steps {step_last} and {step}; the last good '
             f'checkpoint is step {manager.latest_step()} in {ckpt_dir}')
       now = time.perf_counter()
-      metrics['examples_per_sec'] = (step - step_last) * config.batch_size / (now - t_last)
-      t_last, step_last = now, step
-      writer.write(step, metrics)
-      bar.set_postfix(loss=f"{metrics['loss']:.3f}", refresh=False)
-      last_metrics = metrics
+      rows[-1][2]['examples_per_sec'] = examples / (now - t_last)  # both streams, unprefixed
+      t_last, step_last, examples = now, step, 0
+      for s, prefix, m in rows:
+        writer.write(s, {(prefix + k if k != 'examples_per_sec' else k): v
+                         for k, v in m.items()})
+        if not prefix:
+          bar.set_postfix(loss=f"{m['loss']:.3f}", refresh=False)
+          last_metrics = m
     if step % config.checkpoint_every_steps == 0 or step == stop_at:
-      checkpointing.save(manager, step, state, config, train_iter)
+      checkpointing.save(manager, step, state, config, train_iter, image_iter=image_iter)
   bar.close()
   manager.wait_until_finished()
   manager.close()

@@ -8,23 +8,30 @@ Knobs (comma-separated after ':'):
               global batch 2048, FSDP. Needs the data and the SigLIP weights (see README).
   smoke       a few steps of a tiny model on the tiny shapes split (tests and CI).
   mask=NAME   masking strategy: clusterstm, clusterstm_random_pick, random, tube.
+  images      mixed image and video batches on shapes: every 2nd step trains on single frames
+              of the train clips with their captions (T = 1), a stand-in for CC3M. `:paper`
+              always alternates CC3M images with WebVid (--config.images.every=0 turns it off).
 """
 import ml_collections
 
 from configs import common
 from clusterstm_jax import config_lib
 from clusterstm_jax.data.pipeline import default_data_config
+from clusterstm_jax.data.pipeline import default_image_config
 from clusterstm_jax.masking.strategies import default_mask_config
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, paper=False, smoke=False, mask='clusterstm', steps=-1, ratio=0.85)
+  arg = config_lib.parse_arg(arg, paper=False, smoke=False, mask='clusterstm', steps=-1, ratio=0.85,
+                             images=False)
   config = ml_collections.ConfigDict()
   common.training_config(config)
 
   config.data = default_data_config()
   config.data.num_frames = 4
   config.data.image_size = 64
+  # Image batches (T = 1) alternating with the video batches; off unless `images` or `paper`.
+  config.images = default_image_config()
 
   config.model = ml_collections.ConfigDict()
   config.model.vision_variant = 'Mu/8'
@@ -81,6 +88,9 @@ def get_config(arg=None):
     config.data.max_text_len = 64   # SigLIP's text length: teacher and student share the ids
     config.data.tokenizer = ''      # set to SigLIP's sentencepiece .model
     config.data.eval_split = 'val'
+    # UMT's 5M pairs: WebVid-2M videos and CC3M images in alternating whole batches of the same
+    # size (UMT interleaves its loaders in proportion to their lengths, which are similar here).
+    config.images.update(every=2, name='cc3m', builder_config='', split='train', batch_size=-1)
     config.teacher.init = ''        # set to the SigLIP B/16 checkpoint
     config.model.vision_variant = 'B/16'
     config.model.text_variant = 'B'
@@ -117,6 +127,9 @@ def get_config(arg=None):
     config.unmasked_steps = 0
     config.log_every_steps = 1
     config.checkpoint_every_steps = 3
+  if arg.images and not arg.paper:
+    # shapes' stand-in: single frames of the same train clips (another shuffle), same batch size.
+    config.images.update(every=2, name='shapes', builder_config='', split='train')
   if arg.steps > 0:
     config.total_steps = arg.steps
   return config

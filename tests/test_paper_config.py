@@ -17,6 +17,8 @@ def test_paper_config_values():
   assert (c.optax.lr, c.optax.wd, c.batch_size) == (1e-4, 0.02, 2048)
   assert (c.total_epochs, c.warmup_epochs) == (10.0, 1.0)
   assert step_lib.grid(c) == (4, 14, 14)
+  # UMT's mix: CC3M images alternating with WebVid videos, batches of the same size.
+  assert (c.images.every, c.images.name, c.images.batch_size) == (2, 'cc3m', -1)
 
 
 def test_paper_train_step_compiles_on_cpu():
@@ -36,3 +38,7 @@ def test_paper_train_step_compiles_on_cpu():
   assert kernel.shape == (16, 16, 3, 768)
   spec = trainer.state_shardings['params']['vision']['embedding']['kernel'].spec
   assert 'fsdp' in jax.tree.leaves(tuple(spec))
+  # The image step (CC3M batches, T = 1) is its own program; lowering it checks its shapes
+  # (compiling it too would double this test's minutes for little more).
+  image = trainer.lower(8, image=True).as_text()
+  assert 'tensor<8x1x224x224x3xui8>' in image and 'tensor<8x4x224x224x3xui8>' not in image

@@ -183,6 +183,34 @@ class _EvalShard:
     return ex
 
 
+def default_image_config() -> ml_collections.ConfigDict:
+  """The image stream of pretraining (`config.images`): whole batches of T = 1 examples
+  alternating with the video batches, as UMT alternates CC3M images with WebVid videos."""
+  return ml_collections.ConfigDict({
+      "every": 0,  # every k-th step (k >= 2) is an image step; 0 = no image stream
+      # The dataset and split of the images; they share config.data's data_dir, image_size,
+      # text length and tokenizer. 'cc3m' for real data. A video dataset works too: one frame per
+      # clip, drawn from the loader's seeded per-example rng (shapes' stand-in for CC3M).
+      "name": "shapes",
+      "builder_config": "",  # '' = config.data's when it is the same dataset, else 'default'
+      "split": "train",
+      "batch_size": -1,  # global; -1 = config.batch_size
+  })
+
+
+def image_data_config(config) -> ml_collections.ConfigDict:
+  """config.data turned into the image stream's data config: its dataset and split, T = 1."""
+  images, data = config.images, config.data.copy_and_resolve_references()
+  same = images.name == data.name
+  data.builder_config = images.builder_config or (data.builder_config if same else "default")
+  data.name = images.name
+  data.train_split = images.split
+  # One frame per example: decode_example's train rng picks a uniformly random frame of a clip
+  # (its single segment); an image record has exactly one.
+  data.num_frames = 1
+  return data
+
+
 def _check_batch(global_batch_size: int, process_index: int, process_count: int):
   if global_batch_size < 1 or global_batch_size % process_count:
     raise UserError(f"global_batch_size {global_batch_size} must be a positive multiple of "
