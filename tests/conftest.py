@@ -1,8 +1,9 @@
 """Test setup: 8 simulated CPU devices, set before jax is imported anywhere.
 
-The suite runs under pytest-xdist (README: `-n 2 --dist loadfile`): each file runs whole in
-one worker, so module-scoped fixtures (a tiny dataset, a smoke teacher, a compiled step) are
-built once, and the slowest files are handed out first.
+The suite runs under pytest-xdist (README: `-n 2`): each file runs whole in one worker, so
+module-scoped fixtures (a tiny dataset, a compiled step) are built once; the files that train
+on the session's tiny dataset and smoke teacher (`shared_smoke`) run in one worker together;
+the slowest files are handed out first.
 """
 import os
 
@@ -27,13 +28,44 @@ os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='jax_
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
+import pytest  # noqa: E402
+
 # Longest first (seconds of one serial run, idle-ish machine), so two workers finish together.
-_SLOW_FIRST = ('test_sharding', 'test_downstream', 'test_multiprocess', 'test_paper_config',
-               'test_step', 'test_models', 'test_train', 'test_masking', 'test_tools')
+_SLOW_FIRST = ('test_sharding', 'test_downstream', 'test_multiprocess', 'test_train',
+               'test_images', 'test_paper_config', 'test_step', 'test_models', 'test_masking',
+               'test_tools')
+# Files sharing `shared_smoke` (one tiny dataset + one smoke teacher): one xdist group.
+_SMOKE_GROUP = ('test_train', 'test_images')
+
+
+def _module(item) -> str:
+  return os.path.splitext(os.path.basename(str(item.fspath)))[0]
+
+
+def pytest_xdist_make_scheduler(config, log):
+  """xdist's file scheduling with the _SMOKE_GROUP files as one unit. (Its own `loadgroup`
+  mode tags node ids through Item._nodeid, which pytest 9 no longer reads.)"""
+  from xdist.scheduler import LoadScopeScheduling
+
+  class FileGroups(LoadScopeScheduling):
+    def _split_scope(self, nodeid):
+      path = nodeid.split('::', 1)[0]
+      name = os.path.splitext(os.path.basename(path))[0]
+      return 'smoke' if name in _SMOKE_GROUP else path
+
+  return FileGroups(config, log)
 
 
 def pytest_collection_modifyitems(items):
   def rank(item):
-    name = os.path.splitext(os.path.basename(str(item.fspath)))[0]
+    name = _module(item)
     return _SLOW_FIRST.index(name) if name in _SLOW_FIRST else len(_SLOW_FIRST)
   items.sort(key=rank)  # stable: tests keep their order inside a file
+
+
+@pytest.fixture(scope='session')
+def shared_smoke(tmp_path_factory):
+  """(data_dir, teacher workdir): the tiny shapes split (built on first use) and the smoke
+  teacher (trained on first use by whichever run needs it, then reused)."""
+  root = tmp_path_factory.mktemp('shared_smoke')
+  return str(root / 'data'), str(root / 'teacher')

@@ -20,11 +20,11 @@ TEACHER_DIRS = {}
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  # One tiny dataset and one smoke teacher for the module: the teacher trains on first use.
-  root = tmp_path_factory.mktemp('shared')
-  TEACHER_DIRS[str(root / 'data')] = str(root / 'teacher')
-  return str(root / 'data')
+def data_dir(shared_smoke):
+  # The session's tiny dataset and smoke teacher (conftest.py): the teacher trains on first use.
+  data, teacher = shared_smoke
+  TEACHER_DIRS[data] = teacher
+  return data
 
 
 def smoke_config(data_dir, arg='smoke,images', **overrides):

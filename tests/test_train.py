@@ -14,11 +14,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  # One tiny dataset and one smoke teacher for the module: the teacher trains on first use.
-  root = tmp_path_factory.mktemp('shared')
-  TEACHER_DIRS[str(root / 'data')] = str(root / 'teacher')
-  return str(root / 'data')
+def data_dir(shared_smoke):
+  # The session's tiny dataset and smoke teacher (conftest.py): the teacher trains on first use.
+  data, teacher = shared_smoke
+  TEACHER_DIRS[data] = teacher
+  return data
 
 
 TEACHER_DIRS = {}
