@@ -214,7 +214,11 @@ def test_checkpoint_restores_under_another_mesh(tmp_path):
 
 def test_compile_report_agrees_with_xla():
   from clusterstm_jax.tools import compile_report
-  r = compile_report.report(smoke_config(*CASES['fsdp8']), vocab_size=VOCAB)
+  config = smoke_config(*CASES['fsdp8'])
+  # The report's bookkeeping, not the loss, is under test: VTC alone compiles in half the time
+  # (the state, and so every byte count checked below, is the same).
+  config.loss_weights.vtm = config.loss_weights.mlm = 0.0
+  r = compile_report.report(config, vocab_size=VOCAB)
   assert r['devices'] == 8 and r['mesh'] == {'data': 1, 'fsdp': 8, 'tensor': 1}
   assert r['params_bytes'] < 0.25 * r['params_bytes_unsharded']
   # Adam keeps two moments per param, sharded like it (+ a few scalars).
