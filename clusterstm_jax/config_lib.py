@@ -147,6 +147,19 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
     raise ConfigError(f'data.image_size={image_size} is not a multiple of model.patch_size={patch}')
 
 
+def with_overrides(config: ml_collections.ConfigDict, **overrides: Any) -> ml_collections.ConfigDict:
+  """A copy of `config` with dotted-path fields set, e.g. with_overrides(c, **{'mask.ratio': 0.})."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    for path, value in overrides.items():
+      node = config
+      *parents, leaf = path.split('.')
+      for name in parents:
+        node = node[name]
+      node[leaf] = value
+  return config
+
+
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
   """Loads `path/to/config.py[:arg]` the way --config does (used for nested runs: the teacher)."""
   import importlib.util

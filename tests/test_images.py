@@ -32,13 +32,7 @@ def smoke_config(data_dir, arg='smoke,images', **overrides):
   config.data.data_dir = data_dir
   config.teacher.workdir = TEACHER_DIRS[data_dir]
   config.async_checkpointing = False
-  for k, v in overrides.items():
-    node = config
-    *path, last = k.split('.')
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return config
+  return config_lib.with_overrides(config, **overrides)
 
 
 def rows(workdir):

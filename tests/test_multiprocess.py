@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from configs import pretrain
+from clusterstm_jax import config_lib
 from clusterstm_jax import train
 from clusterstm_jax.data import pipeline
 
@@ -178,12 +179,7 @@ def reference_losses(data_dir, workdir, monkeypatch):
 
   config = pretrain.get_config(CONFIG.partition(':')[2])
   config.data.data_dir = data_dir
-  for k, v in OVERRIDES.items():
-    node = config
-    *path, last = k.split('.')
-    for p in path:
-      node = node[p]
-    node[last] = v
+  config = config_lib.with_overrides(config, **OVERRIDES)
   with monkeypatch.context() as m:
     m.setattr(pipeline, 'make_train_loader', two_process_batches)
     results = train.train_and_evaluate(config, workdir)

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from configs import pretrain
+from clusterstm_jax import config_lib
 from clusterstm_jax import train
 
 pytestmark = pytest.mark.slow
@@ -29,13 +30,7 @@ def smoke_config(data_dir, **overrides):
   config.data.data_dir = data_dir
   config.teacher.workdir = TEACHER_DIRS[data_dir]
   config.async_checkpointing = False
-  for k, v in overrides.items():
-    node = config
-    *path, last = k.split('.')
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return config
+  return config_lib.with_overrides(config, **overrides)
 
 
 def losses(workdir):

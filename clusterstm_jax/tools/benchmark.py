@@ -32,6 +32,8 @@ from absl import logging
 from ml_collections import config_flags
 import numpy as np
 
+from clusterstm_jax import config_lib  # no jax: safe before XLA flags are set
+
 ALL = ('pipeline', 'step', 'masking', 'unmasked', 'flops')
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', 'configs/pretrain.py', 'Config.', lock_config=True)
@@ -137,23 +139,10 @@ def paper_shape_masking(batch: int, repeats: int, ratio: float = 0.85) -> tuple[
   return 1e3 * t['median'] / batch, masking.num_keep(196, ratio)
 
 
-def variant(config, **overrides):
-  """A copy of `config` with dotted-path overrides, e.g. variant(c, **{'loss_weights.vtm': 0.})."""
-  config = config.copy_and_resolve_references()
-  with config.unlocked():
-    for path, value in overrides.items():
-      node = config
-      *parents, leaf = path.split('.')
-      for name in parents:
-        node = node[name]
-      node[leaf] = value
-  return config
-
-
 def unmasked_config(config):
   """The same student seeing every token: random 'masking' at ratio 0, no decoder, no MRM
   (so no teacher either). VTC, VTM and MLM are unchanged."""
-  return variant(config, **{'mask.strategy': 'random', 'mask.ratio': 0.0,
+  return config_lib.with_overrides(config, **{'mask.strategy': 'random', 'mask.ratio': 0.0,
                             'loss_weights.mrm': 0.0, 'model.decoder.out_dim': 0})
 
 
@@ -180,7 +169,6 @@ def paper_flops(spec: str, batch_size: int, compiled: bool,
   the teacher's forward, and (breakdown) the same pair without the text-side losses."""
   import flax.linen as nn
   import jax
-  from clusterstm_jax import config_lib
   from clusterstm_jax import sharding as sharding_lib
   from clusterstm_jax import step as step_lib
   from clusterstm_jax import teacher as teacher_lib
@@ -200,13 +188,14 @@ def paper_flops(spec: str, batch_size: int, compiled: bool,
     out['teacher_forward'] = cost_flops(jax.jit(teacher.frame_tokens).lower(teacher.params,
                                                                             video), compiled)
   if breakdown:
-    out['clusterstm_video'] = step_flops(variant(config, **NO_TEXT_LOSSES), mesh, text, teacher,
+    override = config_lib.with_overrides
+    out['clusterstm_video'] = step_flops(override(config, **NO_TEXT_LOSSES), mesh, text, teacher,
                                          batch_size, compiled)
     out['clusterstm_vtc'] = step_flops(
-        variant(config, **NO_TEXT_LOSSES, **{'loss_weights.mrm': 0.0,
-                                             'model.decoder.out_dim': 0}),
+        override(config, **NO_TEXT_LOSSES, **{'loss_weights.mrm': 0.0,
+                                              'model.decoder.out_dim': 0}),
         mesh, text, teacher, batch_size, compiled)
-    out['unmasked_video'] = step_flops(variant(unmasked, **NO_TEXT_LOSSES), mesh, text, None,
+    out['unmasked_video'] = step_flops(override(unmasked, **NO_TEXT_LOSSES), mesh, text, None,
                                        batch_size, compiled)
   return out
 
