@@ -57,9 +57,9 @@ def test_images_off_by_default_and_schedule_unchanged():
     config = pretrain.get_config(arg)
     assert config.images.every == 0 and config_lib.image_every(config) == 0
   config = pretrain.get_config(None)
-  assert (config.total_steps, config.unmasked_steps, config.batch_size) == (200, 20, 64)
-  kinds = [train.step_kind(config, s, 200) for s in range(200)]
-  assert kinds == ['video'] * 180 + ['unmasked'] * 20
+  assert (config.total_steps, config.unmasked_steps, config.batch_size) == (180, 20, 64)
+  kinds = [train.step_kind(config, s, 180) for s in range(180)]
+  assert kinds == ['video'] * 160 + ['unmasked'] * 20
   assert train.examples_per_step(config) == 64
 
   on = pretrain.get_config('images')

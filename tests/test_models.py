@@ -429,7 +429,8 @@ def _sharded_vs_plain(model, *args, **apply_kw):
     shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, RULES)
     params = jax.jit(model.init, out_shardings=shardings)(KEY, *args)
     sharded = jax.jit(lambda p, *a: model.apply(p, *a, **apply_kw))(params, *args)
-  plain = model.apply(jax.device_get(nn.unbox(params)), *args, **apply_kw)
+  plain = jax.jit(lambda p, *a: model.apply(p, *a, **apply_kw))(
+      jax.device_get(nn.unbox(params)), *args)
   return params, sharded, plain
 
 

@@ -19,10 +19,12 @@ import numpy as np
 
 Dtype = Any
 
-# Width / depth / MLP / heads per size name ("Pico" is for tests only; So400m for SigLIP).
+# Width / depth / MLP / heads per size name ("Pico" is for tests only; Mu and Nano are the
+# shapes teacher/text tower and student video tower; So400m for SigLIP).
 VARIANTS: dict[str, dict[str, int]] = {
     "Pico": dict(width=32, depth=1, mlp_dim=64, num_heads=2),
     "Mu": dict(width=64, depth=2, mlp_dim=256, num_heads=2),
+    "Nano": dict(width=128, depth=3, mlp_dim=512, num_heads=4),
     "Ti": dict(width=192, depth=12, mlp_dim=768, num_heads=3),
     "S": dict(width=384, depth=12, mlp_dim=1536, num_heads=6),
     "M": dict(width=512, depth=12, mlp_dim=2048, num_heads=8),

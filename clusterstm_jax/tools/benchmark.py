@@ -292,8 +292,8 @@ def main(argv):
     _row('ClusterSTM step', g['clusterstm'], 'GFLOP')
     _row('  of which teacher forward', g['teacher_forward'], 'GFLOP')
     _row('unmasked step', g['unmasked'], 'GFLOP')
-    _row('unmasked / ClusterSTM FLOPs', f['unmasked'] / f['clusterstm'],
-         'x (target >= 2.5x)')
+    # The 2.5x target is the default step's time ([unmasked]); this is the paper shape's FLOPs.
+    _row('unmasked / ClusterSTM FLOPs', f['unmasked'] / f['clusterstm'], 'x')
     _row('unmasked / (ClusterSTM - teacher forward)',
          f['unmasked'] / (f['clusterstm'] - f['teacher_forward']), 'x')
     if FLAGS.flops_breakdown:
