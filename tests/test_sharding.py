@@ -137,8 +137,7 @@ def test_same_step_on_8_devices_as_on_1(case, reference):
 
 def test_rule_sets_shard_params_as_named():
   # Layouts come from shapes only (eval_shape): nothing is compiled or allocated here.
-  def layout(case):
-    rules, mesh_axes = {**CASES, 'fsdp8': FSDP8}[case]
+  def layout(rules, mesh_axes):
     _, trainer = build(rules, mesh_axes, jax.devices())
     return trainer.state_shardings, trainer.abstract_state
 
@@ -148,11 +147,11 @@ def test_rule_sets_shard_params_as_named():
                 zip(jax.tree.leaves(shardings), jax.tree.leaves(abstract)))
     return local / full
 
-  shardings, abstract = layout('data8')
+  shardings, abstract = layout(*CASES['data8'])
   assert all(s.is_fully_replicated for s in jax.tree.leaves(shardings['params']))
   assert shard_fraction(shardings['params'], abstract['params']) == 1.0
 
-  shardings, abstract = layout('fsdp8')
+  shardings, abstract = layout(*FSDP8)
   kernel = shardings['params']['vision']['Transformer']['encoderblock_0']['MlpBlock_0'][
       'Dense_0']['kernel']
   assert kernel.spec == P('fsdp', None)  # [embed, mlp]: embed over fsdp
@@ -163,7 +162,7 @@ def test_rule_sets_shard_params_as_named():
   assert jax.tree.leaves(mu) and jax.tree.all(
       jax.tree.map(lambda a, b: a == b, mu, shardings['params']))
 
-  shardings, _ = layout('fsdp4_tensor2')
+  shardings, _ = layout(*CASES['fsdp4_tensor2'])
   kernel = shardings['params']['text']['text_encoder']['encoderblock_0']['MlpBlock_0'][
       'Dense_0']['kernel']
   assert kernel.spec == P('fsdp', 'tensor')
