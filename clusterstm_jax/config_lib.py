@@ -107,8 +107,6 @@ def _validate_images(config: ml_collections.ConfigDict, num_devices: int,
                       '(every k-th step is an image step)')
   if not every:
     return
-  if config.get('task', 'clusterstm') != 'clusterstm':
-    raise ConfigError(f'images.every={every} needs task clusterstm, not {config.task!r}')
   size = image_batch_size(config)
   if isinstance(size, bool) or not isinstance(size, int) or size < 1:
     raise ConfigError(f'images.batch_size={images.batch_size!r} must be a positive int '
@@ -134,6 +132,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
   mask = config.get('mask')
   if mask is not None and not 0.0 <= mask.ratio < 1.0:
     raise ConfigError(f'mask.ratio={mask.ratio} must be in [0, 1)')
+  # lazy: config_lib imports no jax (tools set XLA_FLAGS after loading configs)
   from clusterstm_jax.models import common
   image_size = config.data.image_size
   try:

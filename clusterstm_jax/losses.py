@@ -1,10 +1,18 @@
-"""The ClusterSTM objectives beyond VTC (METHOD.md steps 6-8, UMT recipe): masked relevance
-modelling (MRM), video-text matching with hard negatives (VTM) and masked language modelling
-(MLM). Pure jnp functions with static shapes; randomness only from keys passed in.
+"""Every loss of the project: pure functions of model outputs (no params; randomness only
+from keys passed in), with static shapes.
+
+  VTC   video_text_similarity, vtc_loss          contrastive video-text (UMT)
+  SigLIP sigmoid_loss, sigmoid_loss_frames       the teacher's own training
+  MRM   relevance_target, student_relevance, mrm_loss   masked relevance modelling
+  VTM   sample_hard_negatives, vtm_labels, vtm_loss     video-text matching
+  MLM   mlm_mask, mlm_loss                       masked language modelling
+  LM    lm_loss                                  teacher-forced decoders (QA, captioning)
 
 Conventions: losses are computed in float32 whatever the input dtype; averages over an empty
 set (no masked position, no selected token) are 0, never NaN; values at positions that do not
 count are excluded with `where` (not multiplied by 0), so a NaN or inf there cannot leak in.
+Under jit the batch is the *global* batch (GSPMD inserts the collectives), so contrastive losses
+see every in-batch negative across devices and hosts, as UMT's all-gather does.
 """
 from __future__ import annotations
 
@@ -12,11 +20,64 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import optax
 
-from clusterstm_jax.objectives import l2_normalize
 
-__all__ = ["relevance_target", "student_relevance", "mrm_loss", "sample_hard_negatives",
-           "vtm_labels", "vtm_loss", "mlm_mask", "mlm_loss"]
+def l2_normalize(x, axis=-1, eps=1e-6):
+  return x * jax.lax.rsqrt(jnp.sum(x * x, axis=axis, keepdims=True) + eps)
+
+
+
+# ----------------------------------------------------------------------------- VTC
+def video_text_similarity(video_feat, text_feat):
+  """Per-frame similarities averaged over frames (UMT).
+
+  video_feat: [Bv, T, E] L2-normalised per frame; text_feat: [Bt, E] L2-normalised.
+  Returns [Bv, Bt] mean over frames of the cosine similarity.
+  """
+  return jnp.einsum('vte,se->vs', video_feat, text_feat) / video_feat.shape[1]
+
+
+def vtc_loss(sim_v2t, temperature):
+  """Symmetric InfoNCE on a [B, B] video-text similarity matrix with pairs on the diagonal."""
+  logits = sim_v2t / temperature
+  labels = jnp.arange(logits.shape[0])
+  lv = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=1), labels[:, None], 1)
+  lt = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=0), labels[None, :], 0)
+  return 0.5 * (jnp.mean(lv) + jnp.mean(lt))
+
+
+# ----------------------------------------------------------------------------- SigLIP
+def sigmoid_loss(zimg, ztxt, t, b):
+  """SigLIP's pairwise sigmoid loss. zimg, ztxt [N, D] (unnormalised; L2-normalised here),
+  t: log temperature, b: bias (scalars or shape [1]). logits = <zi, zt> * exp(t) + b;
+  +1 labels on the diagonal, -1 elsewhere; summed over texts, averaged over images."""
+  if zimg.ndim != 2 or zimg.shape != ztxt.shape:
+    raise ValueError(f"zimg and ztxt must both be [N, D], got {zimg.shape} and {ztxt.shape}")
+  zi = zimg.astype(jnp.float32)
+  zt = ztxt.astype(jnp.float32)
+  zi = zi / (jnp.linalg.norm(zi, axis=-1, keepdims=True) + 1e-8)
+  zt = zt / (jnp.linalg.norm(zt, axis=-1, keepdims=True) + 1e-8)
+  t = jnp.reshape(jnp.asarray(t, jnp.float32), ())
+  b = jnp.reshape(jnp.asarray(b, jnp.float32), ())
+  logits = zi @ zt.T * jnp.exp(t) + b
+  labels = 2.0 * jnp.eye(zi.shape[0], dtype=jnp.float32) - 1.0
+  return -jnp.mean(jnp.sum(jax.nn.log_sigmoid(labels * logits), axis=-1))
+
+
+def sigmoid_loss_frames(zimg, ztxt, log_t, b):
+  """SigLIP's pairwise sigmoid loss with every frame of a clip as a positive of its caption.
+
+  zimg: [B, T, D] frame embeddings, ztxt: [B, D]; both L2-normalised here. A frame of clip i is a
+  positive for caption i and a negative for every other caption. Summed over captions, averaged
+  over frames (SigLIP's normalisation with B*T images).
+  """
+  bsz, t, _ = zimg.shape
+  zi = l2_normalize(zimg.reshape(bsz * t, -1))
+  zt = l2_normalize(ztxt)
+  logits = zi @ zt.T * jnp.exp(jnp.reshape(log_t, ())) + jnp.reshape(b, ())
+  labels = 2.0 * jnp.repeat(jnp.eye(bsz), t, axis=0) - 1.0
+  return -jnp.mean(jnp.sum(jax.nn.log_sigmoid(labels * logits), axis=-1))
 
 
 # ----------------------------------------------------------------------------- MRM
@@ -36,7 +97,7 @@ def _relevance(tokens, text_emb, in_batch: bool):
 
 
 def relevance_target(window_pooled, text_emb, *, in_batch: bool = False):
-  """Teacher relevance at every token place (METHOD step 6), gradient stopped.
+  """Teacher relevance at every token place (docs/method.md step 6), gradient stopped.
 
   window_pooled [B,T,N,Dt]: the teacher's MAP pooling of each token's k x k window;
   text_emb: the teacher's caption features, [B,Dt] (paired) or [Bt,Dt] (in_batch=True).
@@ -196,3 +257,20 @@ def mlm_loss(logits, targets, weights):
   w = weights.astype(jnp.float32)
   total = jnp.sum(jnp.where(w > 0, w * nll, 0.0))
   return total / jnp.maximum(jnp.sum(w), 1e-6)
+
+
+# ----------------------------------------------------------------------------- LM
+def lm_loss(logits: jnp.ndarray, ids: jnp.ndarray, pad_id: int = 0) -> jnp.ndarray:
+  """Teacher-forced next-token cross-entropy: logits[:, :-1] predict ids[:, 1:].
+
+  Mean over the non-pad targets of the whole batch (0 when there are none); float32 scalar.
+  logits [B,L,V] are the decoder's output on ids [B,L] (the same ids, shifted inside).
+  """
+  if logits.ndim != 3 or logits.shape[:2] != ids.shape:
+    raise ValueError(f"lm_loss needs logits [B,L,V] and ids [B,L] with matching B, L; got "
+                     f"shapes {logits.shape} and {ids.shape}")
+  targets = ids[:, 1:]
+  weights = (targets != pad_id).astype(jnp.float32)
+  ce = optax.softmax_cross_entropy_with_integer_labels(
+      logits[:, :-1].astype(jnp.float32), targets)
+  return jnp.sum(ce * weights) / jnp.maximum(jnp.sum(weights), 1.0)

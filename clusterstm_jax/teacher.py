@@ -1,9 +1,11 @@
 """The frozen SigLIP teacher: where its weights come from, and its per-frame token features.
 
 `config.teacher` says where the weights are:
+  init     external SigLIP weights (big_vision .npz or Hugging Face safetensors), or
   export   an exported teacher (python -m clusterstm_jax.export), or
-  workdir  a teacher training run; when it has no checkpoint yet it is trained first with
-           `config.teacher.config` (configs/teacher.py on shapes), then exported and reused.
+  workdir  a teacher training run, read from its export (WORKDIR/export).
+This module only loads a teacher. Training a missing default teacher is a run of its own,
+which `loop.prepare_teacher` (python -m clusterstm_jax.train) starts before the student's.
 The teacher's params live outside the train state and the optimizer: they are an argument of the
 jitted step, sharded by the same rules as the student, and never differentiated.
 """
@@ -16,10 +18,14 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from absl import logging
 
-from clusterstm_jax import export as export_lib
+from clusterstm_jax import exports
+from clusterstm_jax import sharding as sharding_lib
+from clusterstm_jax.data.tokenizer import Tokenizer
 from clusterstm_jax.errors import UserError
+from clusterstm_jax.models import siglip
+from clusterstm_jax.tasks import base as tasks_base
+from clusterstm_jax.tasks import siglip as siglip_task
 
 
 @dataclasses.dataclass
@@ -42,8 +48,9 @@ class Teacher:
   def relevance_tokens(self, params, tokens, grid_hw, k: int = 3):
     """Every token pooled with its k x k neighbours by the teacher's MAP head: [B,T,N,D].
 
-    Equal to map_pool over relevance_windows(tokens, grid_hw, k) (tests/test_models.py), but
-    each token's key and value are projected once, not once per window it sits in."""
+    Equal to map_pool over relevance_windows(tokens, grid_hw, k) (tests/unit/
+    test_models_siglip.py), but each token's key and value are projected once, not once per
+    window it sits in."""
     b, t, n, d = tokens.shape
     grid = tokens.reshape(b * t, *grid_hw, d)
     pooled = self.model.apply({'params': params}, grid, k, method=self.model.map_pool_windows)
@@ -53,7 +60,6 @@ class Teacher:
 
 def model_from_config(config, vocab_size: int | None = None):
   """The teacher module described by `config.teacher.model` (external weights, compile checks)."""
-  from clusterstm_jax.models import siglip
   m = config.teacher.model
   return siglip.SigLIP(variant=m.vision_variant, text_variant=m.text_variant,
                        image_size=config.data.image_size,
@@ -62,11 +68,9 @@ def model_from_config(config, vocab_size: int | None = None):
 
 
 def _layout(model, config, mesh):
-  from clusterstm_jax import sharding as sharding_lib
-  from clusterstm_jax import step as step_lib
   s = config.data.image_size
   inputs = (jnp.zeros((2, s, s, 3), jnp.float32), jnp.zeros((2, model.text_len), jnp.int32))
-  boxed = step_lib.abstract_params(model, inputs)
+  boxed = tasks_base.abstract_params(model, inputs)
   rules = sharding_lib.logical_rules(config.sharding_rules)
   shardings = sharding_lib.tree_shardings(boxed, mesh, rules)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -81,39 +85,32 @@ def abstract_teacher(config, mesh) -> Teacher:
   return Teacher(model=model, params=abstract, param_shardings=shardings)
 
 
-def ensure_teacher_export(config) -> str:
-  """Path of an exported teacher; trains and exports one first when it does not exist yet."""
+def export_dir(config) -> str:
+  """Where the teacher export of `config` is (exported or not yet): config.teacher.export, or
+  the export of the teacher run in config.teacher.workdir."""
   tc = config.teacher
-  if tc.export:
-    if not os.path.exists(os.path.join(tc.export, 'config.json')):
-      raise UserError(f'teacher export not found: {tc.export} (config.teacher.export)')
-    return tc.export
-  export_dir = os.path.join(tc.workdir, 'export')
-  if os.path.exists(os.path.join(export_dir, 'config.json')):
-    return export_dir
-  from clusterstm_jax import config_lib
-  from clusterstm_jax import train
-  teacher_config = config_lib.load_config_file(tc.config)
-  with teacher_config.unlocked():
-    teacher_config.data = config.data.copy_and_resolve_references()
-  logging.info('no teacher at %s: training one with %s', tc.workdir, tc.config)
-  print(f'Training the teacher first ({tc.config} -> {tc.workdir}); it is reused afterwards.')
-  train.train_and_evaluate(teacher_config, tc.workdir)
-  return export_lib.export_run(tc.workdir, export_dir)
+  return tc.export or os.path.join(tc.workdir, 'export')
+
+
+def has_export(config) -> bool:
+  return os.path.exists(os.path.join(export_dir(config), 'config.json'))
 
 
 def load_teacher(config, mesh) -> Teacher:
-  from clusterstm_jax import step as step_lib
   if config.teacher.get('init'):
     return _load_external(config, mesh)
-  export_dir = ensure_teacher_export(config)
-  tconfig = export_lib.read_config(export_dir)
+  path = export_dir(config)
+  if not has_export(config):
+    where = ('config.teacher.export' if config.teacher.export else
+             f'config.teacher.workdir; train it with --config={config.teacher.config}')
+    raise UserError(f'teacher export not found: {path} ({where})')
+  tconfig = exports.read_config(path)
   if tconfig.data.image_size != config.data.image_size:
     raise UserError(f'teacher image_size {tconfig.data.image_size} != data.image_size '
                     f'{config.data.image_size}')
-  model = step_lib.make_siglip(tconfig, _vocab_size(export_dir))
+  model = siglip_task.make_model(tconfig, _vocab_size(path))
   abstract, shardings = _layout(model, config, mesh)
-  params = export_lib.read_params(export_dir, abstract)
+  params = exports.read_params(path, abstract)
   width = jax.tree.leaves(params['img']['Transformer']['encoder_norm'])[0].shape[-1]
   decoder = config.model.get('decoder')
   if decoder is not None and decoder.out_dim and decoder.out_dim != width:
@@ -124,7 +121,6 @@ def load_teacher(config, mesh) -> Teacher:
 
 def _load_external(config, mesh) -> Teacher:
   """A pretrained SigLIP (big_vision .npz or HF safetensors) described by config.teacher.model."""
-  from clusterstm_jax.models import siglip
   path = os.path.expanduser(config.teacher.init)
   if not os.path.exists(path):
     raise UserError(f'teacher checkpoint does not exist: {path} (config.teacher.init)')
@@ -138,9 +134,8 @@ def _load_external(config, mesh) -> Teacher:
   return Teacher(model=model, params=params, param_shardings=shardings)
 
 
-def _vocab_size(export_dir: str) -> int:
-  from clusterstm_jax.data.tokenizer import Tokenizer
-  return Tokenizer(export_lib.tokenizer_path(export_dir)).vocab_size
+def _vocab_size(path: str) -> int:
+  return Tokenizer(exports.tokenizer_path(path)).vocab_size
 
 
 def relevance_windows(tokens, grid_hw: tuple[int, int], k: int = 3):

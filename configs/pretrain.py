@@ -5,7 +5,8 @@ Default (no arg): the embedded "shapes" dataset on this CPU; prints a zero-shot 
 Knobs (comma-separated after ':'):
   paper       the paper-scale recipe: ViT-B/16 student, SigLIP B/16 teacher, 4 frames at 224 px,
               r = 0.85, WebVid-2M, AdamW lr 1e-4 wd 0.02, cosine over 10 epochs (1 warm-up),
-              global batch 2048, FSDP. Needs the data and the SigLIP weights (see README).
+              global batch 2048, FSDP. Needs the data and the SigLIP weights
+              (docs/datasets.md, docs/pretrained_weights.md).
   smoke       a few steps of a tiny model on the tiny shapes split (tests and CI).
   mask=NAME   masking strategy: clusterstm, clusterstm_random_pick, random, tube.
   images      mixed image and video batches on shapes: every 2nd step trains on single frames
@@ -25,6 +26,7 @@ def get_config(arg=None):
   arg = config_lib.parse_arg(arg, paper=False, smoke=False, mask='clusterstm', steps=-1, ratio=0.85,
                              images=False)
   config = ml_collections.ConfigDict()
+  config.task = 'clusterstm'
   common.training_config(config)
 
   config.data = default_data_config()
@@ -38,7 +40,7 @@ def get_config(arg=None):
   # against a text tower it shares with VTM/MLM): Nano (width 128, depth 3) against the Mu
   # teacher and text tower (width 64, depth 2). Masking only saves compute where the video
   # tower dominates; with a Mu video tower the text side, the teacher and MRM outweigh it and
-  # the unmasked student costs only 1.4x a ClusterSTM step (README, "What the masking keeps").
+  # the unmasked student costs only 1.4x a ClusterSTM step (docs/results.md).
   config.model.vision_variant = 'Nano/8'
   config.model.text_variant = 'Mu'
   config.model.text_depth = None
@@ -46,7 +48,8 @@ def get_config(arg=None):
   config.model.embed_dim = 64
   config.model.temp_init = 0.07
   config.model.dropout = 0.0
-  config.model.init = ''  # an external image tower for the student (CLIP/SigLIP/ViT; README)
+  # An external image tower for the student (CLIP/SigLIP/ViT; docs/pretrained_weights.md).
+  config.model.init = ''
   # MAE-style decoder rebuilding every token in the teacher's width (out_dim) for MRM; narrow
   # and shallow against the encoder, as MAE's and UMT's (it runs over the full grid).
   config.model.decoder = ml_collections.ConfigDict(dict(
@@ -79,7 +82,7 @@ def get_config(arg=None):
   # FLIP's unmasked tuning: the last steps see every token (VTC/VTM/MLM; no MRM, no teacher).
   # A student trained only on the ~15% of tokens ClusterSTM keeps (mostly on objects) pools a
   # very different mean over all tokens; a few unmasked steps close that train/test gap for
-  # full-token evaluation (README, "Zero-shot evaluation"). 0 = off (the paper recipe).
+  # full-token evaluation (docs/method.md, "Zero-shot evaluation"). 0 = off (the paper recipe).
   config.unmasked_steps = 20
   config.optax.lr = 1e-3
   config.optax.wd = 0.02

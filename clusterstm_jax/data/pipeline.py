@@ -56,10 +56,12 @@ def _builder(data_config):
   """The config's prepared TFDS builder; builds it on first use."""
   name, data_dir = data_config.name, _data_dir(data_config)
   if name == "shapes":
-    from clusterstm_jax.data.builders.shapes import ensure_shapes  # registers the builder
+    # lazy: TFDS builders load only when a dataset is built
+    from clusterstm_jax.data.builders.shapes import ensure_shapes
 
     return ensure_shapes(data_dir, data_config.builder_config)[0]
-  from clusterstm_jax.data.builders import real  # registers the real-dataset builders
+  # lazy: TFDS builders load only when a dataset is built
+  from clusterstm_jax.data.builders import real
 
   if name not in real.REAL_DATASETS:
     raise UserError(f"unknown dataset {name!r}; expected one of {['shapes', *real.REAL_DATASETS]}")
@@ -88,6 +90,7 @@ def tokenizer_path(data_config) -> str:
   if data_config.name != "shapes":
     raise UserError(f"dataset {data_config.name!r} needs config.data.tokenizer "
                     "(a sentencepiece .model path)")
+  # lazy: TFDS builders load only when used
   from clusterstm_jax.data.builders.shapes import ensure_shapes
 
   return ensure_shapes(_data_dir(data_config), data_config.builder_config)[1]

@@ -14,9 +14,13 @@ from typing import Callable, Hashable, Iterable, Mapping, Sequence
 import numpy as np
 
 from clusterstm_jax import decoding
+from clusterstm_jax import sharding as sharding_lib
+from clusterstm_jax.data import pipeline
+from clusterstm_jax.data import qa as qa_data
 from clusterstm_jax.evaluators import caption_metrics
+from clusterstm_jax.evaluators import common
 
-__all__ = ["decode_captions", "evaluate_captions", "generate_captions"]
+__all__ = ["run", "decode_captions", "evaluate_captions", "generate_captions"]
 
 
 def decode_captions(decoder_fn, context, context_mask=None, *, max_len: int, bos_id: int,
@@ -70,3 +74,40 @@ def evaluate_captions(predictions: Mapping[Hashable, str],
   """{'BLEU-4', 'ROUGE-L', 'CIDEr'} (x100) of predictions {id: str} against references
   {id: [str, ...]} with the same ids; see caption_metrics.caption_scores."""
   return caption_metrics.caption_scores(predictions, references)
+
+
+def run(ev, ctx: common.Context):
+  """BLEU-4, ROUGE-L, CIDEr of the split's captions -> (metrics, details: {'predictions':
+  {id: str}, 'references': {id: [str]}}). Uses predict_fns 'caption_context' and 'decode'."""
+  ctx.needs('caption_context', 'decode', what='captioning', tasks='caption')
+  config, tokenizer, mesh, params = ctx.config, ctx.tokenizer, ctx.mesh, ctx.params
+  caption_context, decode = ctx.predict_fns['caption_context'], ctx.predict_fns['decode']
+  max_len = config.data.max_text_len  # the caption decoder's length
+
+  def generate(params, video):
+    context = caption_context(params, video)
+    decoder = lambda ids, c, m: decode(params, ids, c, m)
+    ids, _ = decode_captions(
+        decoder, context, None, max_len=max_len, bos_id=tokenizer.cls_id,
+        eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, beam_size=ev.beam_size,
+        alpha=ev.alpha)
+    return ids
+
+  generate = ctx.jit(generate)
+
+  def batches():
+    for batch in ctx.loader(ev):
+      yield {'video': batch['video'], 'index': common.global_rows(batch['index'], mesh),
+             'valid': common.global_rows(batch['valid'], mesh)}
+
+  caption_fn = lambda b: generate(params, sharding_lib.global_batch({'video': b['video']},
+                                                                    mesh)['video'])
+  predictions = generate_captions(batches(), caption_fn, tokenizer)
+  source = pipeline.get_source(config.data, ev.split or config.data.eval_split)
+  references = {}
+  for i in range(len(source)):
+    ex = source[i]
+    if int(ex['id']) in predictions:
+      references.setdefault(int(ex['id']), []).append(qa_data.as_text(ex['caption']))
+  metrics = evaluate_captions(predictions, references)
+  return metrics, {'predictions': predictions, 'references': references}

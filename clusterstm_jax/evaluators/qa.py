@@ -24,8 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from clusterstm_jax import decoding
+from clusterstm_jax import sharding as sharding_lib
+from clusterstm_jax.data import qa as qa_data
+from clusterstm_jax.evaluators import common
 
-__all__ = ["evaluate", "first_token_log_probs", "multiple_choice_accuracy", "predict_answers",
+__all__ = ["run", "evaluate", "first_token_log_probs", "multiple_choice_accuracy", "predict_answers",
            "rank_answers", "rescore_answers"]
 
 DecoderFn = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray | None], jnp.ndarray]
@@ -145,3 +148,45 @@ def evaluate(batches: Iterable[dict], predict_fn: Callable[[dict], np.ndarray], 
   if total == 0:
     raise ValueError("QA evaluation saw no valid questions")
   return {"acc": 100.0 * right / total, "num_questions": float(total)}
+
+
+def run(ev, ctx: common.Context):
+  """Top-1 accuracy over every question of the split, and per answer type (colour, ...);
+  -> (metrics, details={}). Uses predict_fns 'qa_context' and 'decode'."""
+  ctx.needs('qa_context', 'decode', what='VideoQA', tasks='qa')
+  config, tokenizer, mesh, params = ctx.config, ctx.tokenizer, ctx.mesh, ctx.params
+  answers = qa_data.answer_table(tokenizer, config.data, config.qa.answer_len)
+  qa_context, decode = ctx.predict_fns['qa_context'], ctx.predict_fns['decode']
+
+  def predict(params, video, questions):
+    context, mask = qa_context(params, video, questions)
+    decoder = lambda ids, c, m: decode(params, ids, c, m)
+    pred = predict_answers(decoder, context, mask, answers, k=ev.k,
+                           bos_id=tokenizer.cls_id, pad_id=tokenizer.pad_id)
+    return pred.reshape(questions.shape[:2])
+
+  predict = ctx.jit(predict)
+  records = []
+
+  def batches():
+    for batch in ctx.loader(ev):
+      g = {k: common.global_rows(batch[k], mesh) for k in ('answer_idx', 'qa_mask', 'valid')}
+      yield {'video': batch['video'], 'questions': batch['questions'],
+             'answer_idx': g['answer_idx'], 'qa_valid': g['qa_mask'] & g['valid'][:, None]}
+
+  def predict_fn(batch):
+    arrays = sharding_lib.global_batch(
+        {'video': batch['video'], 'questions': batch['questions']}, mesh)
+    pred = np.asarray(predict(params, arrays['video'], arrays['questions']))
+    records.append((pred.reshape(-1), batch['answer_idx'].reshape(-1),
+                    batch['qa_valid'].reshape(-1)))
+    return pred
+
+  out = evaluate(batches(), predict_fn, answer_key='answer_idx', valid_key='qa_valid')
+  pred, gold, valid = map(np.concatenate, zip(*records))
+  kinds = np.asarray(qa_data.answer_categories(config.data) + ['other'])  # gold -1: other
+  for kind in dict.fromkeys(kinds):
+    sel = valid & (kinds[gold] == kind)
+    if sel.any():
+      out[f'acc_{kind}'] = float(100.0 * np.mean(pred[sel] == gold[sel]))
+  return out, {}

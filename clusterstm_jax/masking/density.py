@@ -1,4 +1,4 @@
-"""Temporal density of teacher tokens (METHOD.md step 3).
+"""Temporal density of teacher tokens (docs/method.md, step 3).
 
 rho_tem(t, i) = sum over frames t' != t, over all tokens j of frame t', of exp(-d / d_c),
 with d = 1 - cos(f[t, i], f[t', j]) the cosine distance between teacher features (d in [0, 2]).

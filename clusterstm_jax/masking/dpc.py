@@ -1,6 +1,6 @@
 """DPC-KNN (density peaks clustering with k-nearest-neighbour density) within every frame.
 
-This file owns METHOD.md step 2: the intra-frame clustering of teacher tokens. Pure jnp, static
+This file owns docs/method.md step 2: the intra-frame clustering of teacher tokens. Pure jnp, static
 shapes, batched over any leading dims: features [..., N, D] are clustered independently per
 trailing [N, D] slice (one frame).
 

@@ -1,7 +1,7 @@
 """The masking interface: which N_c tokens of every frame the student sees.
 
 One entry point, ``compute_mask(strategy, rng, shape=(B, T, N), num_keep=N_c, features=...)``,
-for four strategies (METHOD.md step 4 and the ablations):
+for four strategies (docs/method.md step 4, and the ablations):
   'random'                  N_c tokens per frame, independently per frame, uniformly from rng;
   'tube'                    one random spatial keep set per clip, the same in every frame;
   'clusterstm'              DPC clusters per frame on the teacher features (N_c clusters), and in

@@ -1,8 +1,8 @@
 """Reading external checkpoints into our parameter trees: the shared machinery behind each
 model file's `load()`.
 
-Owns: flatten/unflatten of nested dicts with '/' names; readers for big_vision `.npz` files
-and Hugging Face safetensors (a file, a model directory, or a sharded directory); big_vision's
+Owns: flatten/unflatten of nested dicts with '/' names; the file readers of weight_files.py
+(big_vision `.npz`, Hugging Face safetensors), re-exported here; big_vision's
 position-embedding resampling; the torch -> flax layout conversions of transformers' layers;
 and `assign`, the strict matcher that turns converted arrays into a params tree shaped like a
 template, reporting missing, unused and wrongly shaped parameters by name.
@@ -14,26 +14,24 @@ safetensors are read through `safetensors.numpy`.
 """
 from __future__ import annotations
 
-import json
 import os
-import zipfile
-import zlib
 from collections.abc import Mapping
 from typing import Any, Iterable
 
 from absl import logging
 import flax.linen as nn
 import jax
-import ml_dtypes
 import numpy as np
 import scipy.ndimage
 
+from clusterstm_jax.models.weight_files import CheckpointError
+from clusterstm_jax.models.weight_files import check_file
+from clusterstm_jax.models.weight_files import read_hf_config  # noqa: F401 (re-exported)
+from clusterstm_jax.models.weight_files import read_npz  # noqa: F401 (re-exported)
+from clusterstm_jax.models.weight_files import read_safetensors  # noqa: F401 (re-exported)
+
 SEP = "/"
 _SHOW = 20  # names listed in one error message before "... and N more"
-
-
-class CheckpointError(ValueError):
-  """A checkpoint that cannot be loaded: unreadable, or not matching the model."""
 
 
 def _names(names: Iterable[str]) -> str:
@@ -87,102 +85,6 @@ def _params_of(template: Mapping) -> Mapping:
 
 
 # ----------------------------------------------------------------------------- readers
-def _check_file(path: str) -> None:
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"checkpoint not found: {path}")
-
-
-def _fix_dtype(arr: np.ndarray) -> np.ndarray:
-  # np.save writes bfloat16 as 2-byte void (big_vision's recover_dtype); compute in float32.
-  if arr.dtype.kind == "V" and arr.dtype.itemsize == 2:
-    arr = arr.view(ml_dtypes.bfloat16)
-  if arr.dtype in (ml_dtypes.bfloat16, np.float16):
-    arr = arr.astype(np.float32)
-  return arr
-
-
-def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """All arrays of an `.npz` (np.savez / big_vision's npsave), read eagerly so that a
-  truncated or corrupt member fails here, naming the file."""
-  path = os.fspath(path)
-  _check_file(path)
-  try:
-    loaded = np.load(path, allow_pickle=False)
-    if isinstance(loaded, np.ndarray):
-      raise CheckpointError(f"{path} holds a single array, not a checkpoint of named arrays")
-    with loaded as npz:
-      return {k: _fix_dtype(np.asarray(npz[k])) for k in npz.files}
-  except CheckpointError:
-    raise
-  except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError) as e:
-    raise CheckpointError(f"cannot read checkpoint {path} (truncated or corrupt .npz?): "
-                          f"{type(e).__name__}: {e}") from e
-
-
-def _read_safetensors_file(path: str) -> dict[str, np.ndarray]:
-  import safetensors  # pylint: disable=g-import-not-at-top
-  import safetensors.numpy  # pylint: disable=g-import-not-at-top
-  try:
-    try:
-      arrays = safetensors.numpy.load_file(path)
-    except TypeError:
-      # numpy has no bfloat16: decode the raw bytes with ml_dtypes instead.
-      with open(path, "rb") as f:
-        raw = safetensors.deserialize(f.read())
-      types = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32,
-               "F64": np.float64, "I64": np.int64, "I32": np.int32}
-      arrays = {}
-      for name, view in raw:
-        if view["dtype"] not in types:
-          raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {view['dtype']}")
-        arrays[name] = np.frombuffer(view["data"], types[view["dtype"]]).reshape(view["shape"])
-  except CheckpointError:
-    raise
-  except Exception as e:  # SafetensorError derives from Exception only.
-    raise CheckpointError(f"cannot read checkpoint {path} (truncated or corrupt safetensors?): "
-                          f"{type(e).__name__}: {e}") from e
-  return {k: _fix_dtype(np.asarray(v)) for k, v in arrays.items()}
-
-
-def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """A `.safetensors` file, or a transformers model directory holding `model.safetensors` or a
-  sharded `model.safetensors.index.json`."""
-  path = os.fspath(path)
-  _check_file(path)
-  if not os.path.isdir(path):
-    return _read_safetensors_file(path)
-  single = os.path.join(path, "model.safetensors")
-  index = os.path.join(path, "model.safetensors.index.json")
-  if os.path.exists(single):
-    return _read_safetensors_file(single)
-  if os.path.exists(index):
-    try:
-      with open(index) as f:
-        shards = sorted(set(json.load(f)["weight_map"].values()))
-    except (ValueError, KeyError) as e:
-      raise CheckpointError(f"cannot read shard index {index}: {e}") from e
-    arrays = {}
-    for shard in shards:
-      arrays.update(_read_safetensors_file(os.path.join(path, shard)))
-    return arrays
-  raise CheckpointError(f"{path} is a directory without model.safetensors or "
-                        f"model.safetensors.index.json (PyTorch .bin files are not supported)")
-
-
-def read_hf_config(path: str | os.PathLike) -> dict | None:
-  """The transformers `config.json` beside a safetensors checkpoint (or in its directory)."""
-  path = os.fspath(path)
-  directory = path if os.path.isdir(path) else os.path.dirname(path)
-  cfg = os.path.join(directory, "config.json")
-  if not os.path.exists(cfg):
-    return None
-  try:
-    with open(cfg) as f:
-      return json.load(f)
-  except ValueError as e:
-    raise CheckpointError(f"cannot parse {cfg}: {e}") from e
-
-
 class Source:
   """A checkpoint's flat arrays, recording which keys a loader took or ignored (and why)."""
 
@@ -193,7 +95,7 @@ class Source:
     elif self.path.endswith(".safetensors") or os.path.isdir(self.path):
       self.format, self.arrays = "safetensors", read_safetensors(self.path)
     else:
-      _check_file(self.path)
+      check_file(self.path)
       raise CheckpointError(f"unknown checkpoint format for {self.path}: expected a big_vision "
                             f".npz, a .safetensors file or a transformers model directory")
     self.hf_config = read_hf_config(self.path) if self.format == "safetensors" else None

@@ -17,7 +17,7 @@ import ml_collections
 from clusterstm_jax.models import decoder as decoder_lib
 from clusterstm_jax.models import text as text_lib
 from clusterstm_jax.models import vit as vit_lib
-from clusterstm_jax.objectives import l2_normalize
+from clusterstm_jax.losses import l2_normalize
 
 
 def vision_tower(config: ml_collections.ConfigDict, num_frames: int, image_size: int,

@@ -1,4 +1,4 @@
-"""The student's MAE-style spatio-temporal decoder (METHOD.md step 5): it rebuilds the full
+"""The student's MAE-style spatio-temporal decoder (docs/method.md, step 5): it rebuilds the full
 token grid of a clip from the encoder outputs of the visible tokens.
 
   visible tokens [B,T,Nc,D_enc] --decoder_embed--> [B,T,Nc,W]

@@ -25,7 +25,6 @@ import os
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -209,23 +208,6 @@ class SigLIP(nn.Module):
     aux = {f"img/{k}": v for k, v in aux_img.items()}
     aux.update(t=self.t, b=self.b)
     return zimg, ztxt, aux
-
-
-def sigmoid_loss(zimg, ztxt, t, b):
-  """SigLIP's pairwise sigmoid loss. zimg, ztxt [N, D] (unnormalised; L2-normalised here),
-  t: log temperature, b: bias (scalars or shape [1]). logits = <zi, zt> * exp(t) + b;
-  +1 labels on the diagonal, -1 elsewhere; summed over texts, averaged over images."""
-  if zimg.ndim != 2 or zimg.shape != ztxt.shape:
-    raise ValueError(f"zimg and ztxt must both be [N, D], got {zimg.shape} and {ztxt.shape}")
-  zi = zimg.astype(jnp.float32)
-  zt = ztxt.astype(jnp.float32)
-  zi = zi / (jnp.linalg.norm(zi, axis=-1, keepdims=True) + 1e-8)
-  zt = zt / (jnp.linalg.norm(zt, axis=-1, keepdims=True) + 1e-8)
-  t = jnp.reshape(jnp.asarray(t, jnp.float32), ())
-  b = jnp.reshape(jnp.asarray(b, jnp.float32), ())
-  logits = zi @ zt.T * jnp.exp(t) + b
-  labels = 2.0 * jnp.eye(zi.shape[0], dtype=jnp.float32) - 1.0
-  return -jnp.mean(jnp.sum(jax.nn.log_sigmoid(labels * logits), axis=-1))
 
 
 # ----------------------------------------------------------------------------- pretrained

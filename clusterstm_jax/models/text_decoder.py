@@ -1,5 +1,5 @@
 """The causal text decoder used as UMT's VideoQA answer decoder and as the captioning decoder,
-and its teacher-forced language-modelling loss (`lm_loss`).
+(its loss is losses.lm_loss).
 
   ids [B,L] --token_embedding + pos_embedding--> [B,L,D]
   -> `depth` pre-LN DecoderBlocks: causal self-attention, cross-attention to the context
@@ -23,11 +23,10 @@ from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
-import optax
 
 from clusterstm_jax.models import common
 
-__all__ = ["DecoderBlock", "TextDecoder", "causal_mask", "lm_loss"]
+__all__ = ["DecoderBlock", "TextDecoder", "causal_mask"]
 
 _part = nn.with_logical_partitioning
 
@@ -136,19 +135,3 @@ class TextDecoder(nn.Module):
                       (self.vocab_size,), jnp.float32)
     logits = embed.attend(x) + bias.astype(x.dtype)
     return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
-
-
-def lm_loss(logits: jnp.ndarray, ids: jnp.ndarray, pad_id: int = 0) -> jnp.ndarray:
-  """Teacher-forced next-token cross-entropy: logits[:, :-1] predict ids[:, 1:].
-
-  Mean over the non-pad targets of the whole batch (0 when there are none); float32 scalar.
-  logits [B,L,V] are the decoder's output on ids [B,L] (the same ids, shifted inside).
-  """
-  if logits.ndim != 3 or logits.shape[:2] != ids.shape:
-    raise ValueError(f"lm_loss needs logits [B,L,V] and ids [B,L] with matching B, L; got "
-                     f"shapes {logits.shape} and {ids.shape}")
-  targets = ids[:, 1:]
-  weights = (targets != pad_id).astype(jnp.float32)
-  ce = optax.softmax_cross_entropy_with_integer_labels(
-      logits[:, :-1].astype(jnp.float32), targets)
-  return jnp.sum(ce * weights) / jnp.maximum(jnp.sum(weights), 1.0)

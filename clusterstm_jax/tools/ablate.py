@@ -13,7 +13,7 @@ The variant sets mask.strategy (and loss_weights.mrm for *_no_mrm); every other 
 --config.x=y, is the same for all runs. Seed i of a variant uses config.seed + i (init, masks and
 data order all follow it).
 
-Each run lives in DIR/<variant>/seed<seed>/ and is a plain train.train_and_evaluate run, so a
+Each run lives in DIR/<variant>/seed<seed>/ and is a plain training run (loop.run), so a
 sweep that is interrupted resumes when the same command is run again: a run with results.json is
 reused without touching jax, a partial one resumes from its latest checkpoint. Each run's config
 is stored next to it (ablate_run.json); reusing a run made with different settings is an error.
@@ -33,11 +33,13 @@ import os
 import sys
 import time
 
-from absl import app
 from absl import flags
-from absl import logging
-from ml_collections import config_flags
+import jax
 
+from clusterstm_jax import cli
+from clusterstm_jax import config_lib
+from clusterstm_jax import loop
+from clusterstm_jax.data import pipeline
 from clusterstm_jax.errors import UserError
 
 # name -> (mask.strategy, MRM weight or None to keep the config's)
@@ -92,7 +94,6 @@ def fingerprint(config) -> dict:
 
 def run_one(config, workdir: str) -> dict:
   """Trains (or resumes, or reuses) one run; returns its results dict."""
-  from clusterstm_jax import train
   stored_path = os.path.join(workdir, RUN_FILE)
   want = fingerprint(config)
   if os.path.exists(stored_path):
@@ -114,7 +115,7 @@ def run_one(config, workdir: str) -> dict:
   if os.path.exists(results_path):  # written last, atomically: the run is complete
     with open(results_path) as f:
       return json.load(f)
-  return train.train_and_evaluate(config, workdir)
+  return loop.run(config, workdir)
 
 
 def mean_std(values: list[float]) -> tuple[float | None, float | None]:
@@ -197,7 +198,6 @@ def write_tables(out_dir: str, summary: dict) -> str:
 
 def use_compile_cache(path: str) -> None:
   """Persists compiled programs in `path` unless the caller already chose a cache directory."""
-  import jax
   if not jax.config.jax_compilation_cache_dir:
     jax.config.update('jax_compilation_cache_dir', path)
 
@@ -221,10 +221,8 @@ def run_sweep(base, out_dir: str, *, variants: list[str], num_seeds: int,
     use_compile_cache(os.path.join(out_dir, 'jax_cache'))
   seeds = [base.seed + i for i in range(num_seeds)]
   first = run_config(base, variants[0], 0, steps)
-  from clusterstm_jax import config_lib
   train_size = None
   if first.total_steps < 0:  # epochs/examples: the table reports the resolved steps
-    from clusterstm_jax.data import pipeline
     train_size = len(pipeline.get_source(first.data, first.data.train_split))
   setup = {
       'dataset': ':'.join(x for x in (first.data.name, first.data.builder_config) if x),
@@ -260,9 +258,8 @@ FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-  config_flags.DEFINE_config_file('config', 'configs/pretrain.py',
-                                  'Base config (configs/*.py[:arg]); --config.x=y applies to all.',
-                                  lock_config=True)
+  cli.define_config('configs/pretrain.py',
+                    'Base config (configs/*.py[:arg]); --config.x=y applies to all.')
   flags.DEFINE_string('out', None, 'Sweep directory: one workdir per run, plus the tables.')
   flags.DEFINE_integer('seeds', 3, 'Seeds per variant (config.seed, config.seed + 1, ...).')
   flags.DEFINE_integer('steps', None, 'Training steps of every run (default: the config\'s).')
@@ -271,21 +268,13 @@ def define_flags() -> None:
                     'runs after the first of each variant skip compilation.')
 
 
-def main(argv) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
+def main() -> None:
   command = ' '.join(['python -m clusterstm_jax.tools.ablate'] + sys.argv[1:])
-  try:
-    run_sweep(FLAGS.config, FLAGS.out, variants=FLAGS.variants, num_seeds=FLAGS.seeds,
-              steps=FLAGS.steps, compile_cache=FLAGS.compile_cache, command=command)
-  except UserError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+  run_sweep(FLAGS.config, FLAGS.out, variants=FLAGS.variants, num_seeds=FLAGS.seeds,
+            steps=FLAGS.steps, compile_cache=FLAGS.compile_cache, command=command)
 
 
 if __name__ == '__main__':
   define_flags()
   flags.mark_flags_as_required(['out'])
-  app.run(main)
+  cli.run(main)

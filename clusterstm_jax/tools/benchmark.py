@@ -1,7 +1,10 @@
-r"""Benchmarks that print figures (never timed tests): pipeline, step, masking, unmasked, FLOPs.
+r"""Benchmarks that print figures (never timed tests): pipeline, step, masking, unmasked, FLOPs,
+and, when named in --what, every masking strategy alone and the loader's worker counts.
 
   python -m clusterstm_jax.tools.benchmark --config=configs/pretrain.py [--steps=20]
       [--what=pipeline,step,masking,unmasked,flops] [--config.teacher.workdir=DIR]
+  python -m clusterstm_jax.tools.benchmark --what=strategies [--batch=8 --repeats=20]
+  python -m clusterstm_jax.tools.benchmark --what=workers [--builder_config=tiny --worker_counts=0]
 
   pipeline  train-loader examples/s against the train step's (must keep up: >= 3x on default);
   step      the default train step (teacher -> masking -> student -> losses -> update);
@@ -16,30 +19,52 @@ r"""Benchmarks that print figures (never timed tests): pipeline, step, masking, 
             default step's achieved FLOP/s against a jitted f32 matmul's on this CPU.
             The analysis is of the lowered module by default (--flops_compiled for the
             compiled one: 4+ minutes per paper-scale step on 2 CPU cores, same FLOPs to 0.1%).
+Only when named (they do not read --config):
+  strategies  every masking strategy, jitted on random teacher features (median and min of
+            --repeats calls, --batch clips each), in ms per call and per clip, at two shapes:
+              paper   T=4, N=196 (ViT-B/16 at 224 px), D=768, --ratio 0.85 -> N_c=29;
+              shapes  T=4, N=64 (64 px, patch 8), D=--shapes_dim, --ratio 0.85 -> N_c=10;
+            plus the parts of 'clusterstm' (DPC alone; the temporal density with the per-frame
+            distances it shares with DPC) to show where the time goes;
+  workers   train-loader examples/s of the shapes data (--builder_config, --data_dir) for each
+            of --worker_counts grain workers: --num_batches batches of --batch_size after
+            --warmup (worker start-up excluded); building the dataset is reported separately.
 
 Everything is measured in this one run and the timed calls of the different functions are
 interleaved, so the ratios hold even when the machine is noisy (median of --steps calls each).
 """
 from __future__ import annotations
 
-import statistics
 import time
-from typing import Callable
 
-from absl import app
 from absl import flags
-from absl import logging
-from ml_collections import config_flags
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from clusterstm_jax import config_lib  # no jax: safe before XLA flags are set
+from clusterstm_jax import cli
+from clusterstm_jax import config_lib
+from clusterstm_jax import loop
+from clusterstm_jax import sharding as sharding_lib
+from clusterstm_jax import tasks as tasks_lib
+from clusterstm_jax import teacher as teacher_lib
+from clusterstm_jax import trainer as trainer_lib
+from clusterstm_jax.data import pipeline
+from clusterstm_jax.errors import UserError
+from clusterstm_jax.masking import density as density_lib
+from clusterstm_jax.masking import dpc as dpc_lib
+from clusterstm_jax.masking import strategies as masking
+from clusterstm_jax.tasks import base as tasks_base
+from clusterstm_jax.tools import timing
 
-ALL = ('pipeline', 'step', 'masking', 'unmasked', 'flops')
+DEFAULT = ('pipeline', 'step', 'masking', 'unmasked', 'flops')
+ALL = DEFAULT + ('strategies', 'workers')
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', 'configs/pretrain.py', 'Config.', lock_config=True)
+cli.define_config('configs/pretrain.py', 'Config.')
 flags.DEFINE_integer('steps', 20, 'Timed calls of each timed function (after compilation).')
 flags.DEFINE_integer('batches', 30, 'Timed input batches.')
-flags.DEFINE_list('what', list(ALL), f'Which benchmarks to run, a subset of {",".join(ALL)}.')
+flags.DEFINE_list('what', list(DEFAULT), f'Which benchmarks to run, a subset of {",".join(ALL)}.')
 flags.DEFINE_string('flops_config', 'configs/pretrain.py:paper', 'Config of the FLOP ratio.')
 flags.DEFINE_integer('flops_batch', 8, 'Batch the FLOP ratio is lowered with.')
 flags.DEFINE_integer('paper_mask_batch', 8, 'Clips per call when timing the paper-shape masking.')
@@ -47,10 +72,21 @@ flags.DEFINE_integer('matmul_size', 2048, 'n of the n x n f32 matmul that measur
 flags.DEFINE_bool('flops_compiled', False, 'Cost analysis of the compiled step (minutes on CPU at '
                   'the paper scale) instead of the lowered one (seconds, within 0.1%).')
 flags.DEFINE_bool('flops_breakdown', True, 'Also the FLOPs without VTM/MLM (and MRM).')
+# --what=strategies
+flags.DEFINE_integer('batch', 8, 'strategies: clips per call')
+flags.DEFINE_integer('repeats', 10, 'strategies: timed calls (median and min reported)')
+flags.DEFINE_integer('shapes_dim', 64, 'strategies: teacher width for the "shapes" setting')
+flags.DEFINE_float('ratio', 0.85, 'strategies: masking ratio')
+# --what=workers
+flags.DEFINE_string('builder_config', 'default', 'workers: shapes builder config')
+flags.DEFINE_string('data_dir', None, "workers: data dir (default: the data config's)")
+flags.DEFINE_integer('batch_size', 64, 'workers: global batch size (one process)')
+flags.DEFINE_integer('num_batches', 40, 'workers: timed batches per worker count')
+flags.DEFINE_integer('warmup', 3, 'workers: untimed batches first')
+flags.DEFINE_list('worker_counts', ['0', '1'], 'workers: grain worker counts to time')
 
 
 def bench_pipeline(config, tokenizer, num_batches: int) -> float:
-  from clusterstm_jax.data import pipeline
   loader = pipeline.make_train_loader(config.data, tokenizer, global_batch_size=config.batch_size,
                                       seed=0, process_index=0, process_count=1)
   it = iter(loader)
@@ -63,60 +99,22 @@ def bench_pipeline(config, tokenizer, num_batches: int) -> float:
 
 def host_batch(config, tokenizer) -> dict[str, np.ndarray]:
   """One real batch of the train loader (real frames, captions and object labels)."""
-  from clusterstm_jax.data import pipeline
   loader = pipeline.make_train_loader(config.data, tokenizer, global_batch_size=config.batch_size,
                                       seed=0, process_index=0, process_count=1)
   return next(iter(loader))
 
 
 def make_trainer(config, mesh, text, teacher):
-  from clusterstm_jax import step as step_lib
-  return step_lib.build_trainer(config, text=text, mesh=mesh, total_steps=1000, warmup_steps=10,
-                                teacher=teacher)
+  return trainer_lib.build_trainer(config, text=text, mesh=mesh, total_steps=1000,
+                                   warmup_steps=10, teacher=teacher)
 
 
-def step_runner(trainer, batch) -> Callable[[], None]:
-  """A no-argument callable doing one (blocking) train step; the state lives in the closure."""
-  import jax
-  state = [trainer.init_state(jax.random.key(0))]
-  key = jax.random.key(1)
-
-  def run():
-    state[0], metrics = trainer.train_step(state[0], batch, key)
-    jax.block_until_ready((state[0], metrics))
-  return run
-
-
-def time_interleaved(fns: dict[str, Callable[[], None]], repeats: int,
-                     rewarm: tuple[str, ...] = ()) -> dict[str, dict]:
-  """Median and min seconds of each no-argument blocking callable. After two untimed calls
-  each (compile, warm-up), the timed calls go round-robin so load changes hit all alike.
-  The short calls named in `rewarm` get one untimed call before each timed one: right after a
-  multi-second step the first call runs ~2x slower (measured: masking 209 ms interleaved, 110 ms
-  alone), which is not what the same work costs inside a running step."""
-  for fn in fns.values():
-    fn()
-    fn()
-  times = {name: [] for name in fns}
-  for _ in range(repeats):
-    for name, fn in fns.items():
-      if name in rewarm:
-        fn()
-      t = time.perf_counter()
-      fn()
-      times[name].append(time.perf_counter() - t)
-  return {name: dict(median=statistics.median(v), min=min(v)) for name, v in times.items()}
-
-
-def masking_runners(config, teacher, batch) -> tuple[Callable, Callable, tuple]:
+def masking_runners(config, teacher, batch) -> tuple:
   """(mask_from_config jitted on the teacher tokens of `batch`, precomputed so the teacher is
   excluded; the teacher's forward alone; the tokens' shape), as blocking no-argument calls."""
-  import jax
-  from clusterstm_jax import step as step_lib
-  from clusterstm_jax.masking import strategies as masking
-  t, h, w = step_lib.grid(config)
+  t, h, w = tasks_base.grid(config)
   b = batch['video'].shape[0]
-  teacher_fn = jax.jit(lambda p, v: teacher.frame_tokens(p, step_lib.normalize_video(v)))
+  teacher_fn = jax.jit(lambda p, v: teacher.frame_tokens(p, tasks_base.normalize_video(v)))
   features = teacher_fn(teacher.params, batch['video'])
   fn = jax.jit(lambda f, k: masking.mask_from_config(config.mask, k, (b, t, h * w), f))
   key = jax.random.key(2)
@@ -127,15 +125,14 @@ def masking_runners(config, teacher, batch) -> tuple[Callable, Callable, tuple]:
 
 def paper_shape_masking(batch: int, repeats: int, ratio: float = 0.85) -> tuple[float, int]:
   """(median ms per clip, N_c) of 'clusterstm' masking at T=4, N=196, D=768 (random tokens)."""
-  import jax
-  from clusterstm_jax.masking import strategies as masking
   cfg = masking.default_mask_config()
   cfg.strategy, cfg.ratio = 'clusterstm', ratio
   shape = (batch, 4, 196)
   features = jax.random.normal(jax.random.key(0), (*shape, 768))
   fn = jax.jit(lambda f, k: masking.mask_from_config(cfg, k, shape, f))
   key = jax.random.key(1)
-  t = time_interleaved({'m': lambda: jax.block_until_ready(fn(features, key))}, repeats)['m']
+  t = timing.time_interleaved({'m': lambda: jax.block_until_ready(fn(features, key))},
+                              repeats)['m']
   return 1e3 * t['median'] / batch, masking.num_keep(196, ratio)
 
 
@@ -149,32 +146,18 @@ def unmasked_config(config):
 NO_TEXT_LOSSES = {'loss_weights.vtm': 0.0, 'loss_weights.mlm': 0.0}
 
 
-def cost_flops(lowered, compiled: bool) -> float:
-  """FLOPs from XLA's cost analysis of a jax.stages.Lowered: of the compiled executable, or of
-  the lowered module (no compilation: seconds instead of minutes for the paper step on CPU,
-  and within 0.1% of the compiled figure there). Per device on a sharded mesh."""
-  cost = lowered.compile().cost_analysis() if compiled else lowered.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost['flops'])
-
-
 def step_flops(config, mesh, text, teacher, batch_size: int, compiled: bool) -> float:
   trainer = make_trainer(config, mesh, text, teacher)
-  return cost_flops(trainer.lower(batch_size), compiled)
+  return timing.cost_flops(trainer.lower(batch_size), compiled)
 
 
 def paper_flops(spec: str, batch_size: int, compiled: bool,
                 breakdown: bool = True) -> dict[str, float]:
   """Step FLOPs of ClusterSTM and of the unmasked student at `spec` (abstract inputs only),
   the teacher's forward, and (breakdown) the same pair without the text-side losses."""
-  import flax.linen as nn
-  import jax
-  from clusterstm_jax import sharding as sharding_lib
-  from clusterstm_jax import step as step_lib
-  from clusterstm_jax import teacher as teacher_lib
   config = config_lib.load_config_file(spec)
   mesh = sharding_lib.make_mesh(config.mesh)
-  text = step_lib.TextSpec(config.teacher.model.vocab_size)
+  text = tasks_lib.TextSpec(config.teacher.model.vocab_size)
   teacher = teacher_lib.abstract_teacher(config, mesh)
   unmasked = unmasked_config(config)
   out = {'clusterstm': step_flops(config, mesh, text, teacher, batch_size, compiled),
@@ -185,8 +168,8 @@ def paper_flops(spec: str, batch_size: int, compiled: bool,
                                sharding=sharding_lib.batch_sharding(mesh, 5))
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding_lib.logical_rules(
       config.sharding_rules)):
-    out['teacher_forward'] = cost_flops(jax.jit(teacher.frame_tokens).lower(teacher.params,
-                                                                            video), compiled)
+    out['teacher_forward'] = timing.cost_flops(
+        jax.jit(teacher.frame_tokens).lower(teacher.params, video), compiled)
   if breakdown:
     override = config_lib.with_overrides
     out['clusterstm_video'] = step_flops(override(config, **NO_TEXT_LOSSES), mesh, text, teacher,
@@ -200,33 +183,69 @@ def paper_flops(spec: str, batch_size: int, compiled: bool,
   return out
 
 
-def matmul_runner(n: int) -> Callable[[], None]:
-  """A blocking call of a jitted n x n f32 matmul (2 n^3 FLOPs): the CPU's practical peak."""
-  import jax
-  import jax.numpy as jnp
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-  fn = jax.jit(lambda x, y: x @ y)
-  return lambda: jax.block_until_ready(fn(a, b))
+def bench_strategies(name: str, b: int, t: int, n: int, d: int, ratio: float,
+                     repeats: int) -> None:
+  """--what=strategies at one shape: every strategy and the parts of 'clusterstm'."""
+  nc = masking.num_keep(n, ratio)
+  key = jax.random.key(0)
+  features = jax.random.normal(key, (b, t, n, d), jnp.float32)
+  print(f'\n[{name}] B={b} T={t} N={n} D={d} ratio={ratio} N_c={nc}  '
+        f'({jax.devices()[0].platform}, {jax.device_count()} device(s))')
+  print(f'  {"what":44s} {"ms/call":>9s} {"ms/clip":>9s} {"min ms/clip":>12s}')
+  rows = []
+  for strategy in masking.STRATEGIES:
+    for normalize in ((True, False) if strategy == 'clusterstm' else (True,)):
+      fn = jax.jit(lambda f, r, s=strategy, nz=normalize: masking.compute_mask(
+          s, r, shape=(b, t, n), num_keep=nc, features=f, normalize=nz))
+      label = strategy + ('' if normalize else ' (normalize=False)')
+      rows.append((label, timing.time_ms(fn, features, key, repeats=repeats)))
+  dpc_fn = jax.jit(lambda f: dpc_lib.dpc_knn(f, nc, k=5, normalize=True))
+  rows.append(('  part: DPC-KNN alone (own per-frame GEMM)',
+               timing.time_ms(dpc_fn, features, repeats=repeats)))
+  dens_fn = jax.jit(lambda f: density_lib.temporal_log_density_and_sq_dists(f))
+  rows.append(('  part: temporal density + frame distances',
+               timing.time_ms(dens_fn, features, repeats=repeats)))
+  for label, (med, low) in rows:
+    print(f'  {label:44s} {med:9.2f} {med / b:9.3f} {low / b:12.3f}')
+
+
+def loader_rate(data_config, tokenizer, worker_count: int, batch_size: int, num_batches: int,
+                warmup: int) -> float:
+  """--what=workers: examples per second of the train loader with `worker_count` workers."""
+  cfg = data_config.copy_and_resolve_references()
+  cfg.worker_count = worker_count
+  it = iter(pipeline.make_train_loader(cfg, tokenizer, global_batch_size=batch_size, seed=0,
+                                       process_index=0, process_count=1))
+  for _ in range(warmup):
+    next(it)
+  start = time.perf_counter()
+  for _ in range(num_batches):
+    next(it)
+  return num_batches * batch_size / (time.perf_counter() - start)
+
+
+def bench_workers() -> None:
+  cfg = pipeline.default_data_config()
+  cfg.builder_config = FLAGS.builder_config
+  if FLAGS.data_dir:
+    cfg.data_dir = FLAGS.data_dir
+  start = time.perf_counter()
+  tokenizer = pipeline.get_tokenizer(cfg)  # builds the dataset on first use
+  print(f'dataset ready in {time.perf_counter() - start:.1f}s '
+        f'({cfg.builder_config}, {cfg.data_dir})')
+  for workers in [int(w) for w in FLAGS.worker_counts]:
+    rate = loader_rate(cfg, tokenizer, workers, FLAGS.batch_size, FLAGS.num_batches,
+                       FLAGS.warmup)
+    print(f'train loader, worker_count={workers}: {rate:.0f} examples/s '
+          f'(batch {FLAGS.batch_size}, {cfg.num_frames} frames of {cfg.image_size}px)')
 
 
 def _row(name: str, value: float, unit: str = '') -> None:
   print(f'{name:>44s}: {value:12.4g} {unit}')
 
 
-def main(argv):
-  del argv
-  if not FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # library INFO chatter (orbax, tfds) off
-  import jax
-  from clusterstm_jax import sharding as sharding_lib
-  from clusterstm_jax import step as step_lib
-  from clusterstm_jax.data import pipeline
-  what = [w.strip() for w in FLAGS.what if w.strip()]
-  unknown = sorted(set(what) - set(ALL))
-  if unknown:
-    raise app.UsageError(f'unknown --what {unknown}; known: {",".join(ALL)}')
-  config = FLAGS.config
+def bench_config(config, what: list[str]) -> None:
+  """The sections of DEFAULT in `what`, on `config`'s data, model and teacher."""
   tokenizer = pipeline.get_tokenizer(config.data)
   print(f'{jax.device_count()} {jax.devices()[0].platform} device(s); config batch '
         f'{config.batch_size}, mask {config.mask.strategy} r={config.mask.ratio}')
@@ -235,24 +254,25 @@ def main(argv):
   timed = set(what) & {'step', 'masking', 'unmasked', 'flops'}
   if timed:
     mesh = sharding_lib.make_mesh(config.mesh)
-    text = step_lib.TextSpec.from_tokenizer(tokenizer)
+    text = tasks_lib.TextSpec.from_tokenizer(tokenizer)
     teacher = None
-    if step_lib.needs_teacher(config):
-      from clusterstm_jax import teacher as teacher_lib
+    if tasks_lib.needs_teacher(config):
+      loop.prepare_teacher(config)  # trains and exports a missing default teacher first
       teacher = teacher_lib.load_teacher(config, mesh)
     batch = sharding_lib.global_batch(host_batch(config, tokenizer), mesh)
     trainer = make_trainer(config, mesh, text, teacher)
-    fns = {'step': step_runner(trainer, batch)}
+    fns = {'step': timing.step_runner(trainer, batch)}
     if 'masking' in what:
       if teacher is None:
-        raise app.UsageError(f'--what=masking needs a teacher; mask.strategy is '
-                             f'{config.mask.strategy!r}')
+        raise UserError(f'--what=masking needs a teacher; mask.strategy is '
+                        f'{config.mask.strategy!r}')
       fns['masking'], fns['teacher'], feature_shape = masking_runners(config, teacher, batch)
     if 'unmasked' in what:
-      fns['unmasked'] = step_runner(make_trainer(unmasked_config(config), mesh, text, None), batch)
+      fns['unmasked'] = timing.step_runner(
+          make_trainer(unmasked_config(config), mesh, text, None), batch)
     if 'flops' in what:  # timed with the step, so that both see the same machine load
-      fns['matmul'] = matmul_runner(FLAGS.matmul_size)
-    times = time_interleaved(fns, FLAGS.steps, rewarm=('masking', 'teacher', 'matmul'))
+      fns['matmul'] = timing.matmul_runner(FLAGS.matmul_size)
+    times = timing.time_interleaved(fns, FLAGS.steps, rewarm=('masking', 'teacher', 'matmul'))
     step_ms = 1e3 * times['step']['median']
     print('\n[step] default train step')
     _row('step ms (median)', step_ms, 'ms')
@@ -305,7 +325,7 @@ def main(argv):
 
     print(f'\n[flops] default step ({config.batch_size} clips) achieved FLOP/s against a '
           f'{FLAGS.matmul_size}^2 f32 matmul')
-    flops = cost_flops(trainer.lower(config.batch_size), compiled)
+    flops = timing.cost_flops(trainer.lower(config.batch_size), compiled)
     un_flops = step_flops(unmasked_config(config), mesh, text, None, config.batch_size, compiled)
     peak = 2.0 * FLAGS.matmul_size**3 / times['matmul']['median']
     achieved = flops / (step_ms / 1e3)
@@ -316,5 +336,19 @@ def main(argv):
     _row('step / peak', 100 * achieved / peak, '% (both medians of interleaved calls)')
 
 
+def main() -> None:
+  what = [w.strip() for w in FLAGS.what if w.strip()]
+  unknown = sorted(set(what) - set(ALL))
+  if unknown:
+    raise UserError(f'unknown --what {unknown}; known: {",".join(ALL)}')
+  if set(what) & set(DEFAULT):
+    bench_config(FLAGS.config, what)
+  if 'strategies' in what:
+    bench_strategies('paper', FLAGS.batch, 4, 196, 768, FLAGS.ratio, FLAGS.repeats)
+    bench_strategies('shapes', FLAGS.batch, 4, 64, FLAGS.shapes_dim, FLAGS.ratio, FLAGS.repeats)
+  if 'workers' in what:
+    bench_workers()
+
+
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -4,8 +4,9 @@ r"""Ahead-of-time compile report of one train step: per-device memory and FLOPs,
       [--mesh=data=1,fsdp=-1,tensor=1] [--rules=fsdp] [--vocab_size=32000] [--config.x=y]
 
 Simulates `--devices` CPU devices (XLA_FLAGS, set before jax is imported), builds the trainer the
-training run builds (step.build_trainer: the same mesh, rules, shardings and jitted step) and lowers
-and compiles its train step on abstract inputs: no dataset, no teacher weights, nothing allocated.
+training run builds (trainer.build_trainer: the same mesh, rules, shardings and jitted step) and
+lowers and compiles its train step on abstract inputs: no dataset, no teacher weights, nothing
+allocated.
 Prints, per device:
   parameters / optimizer state / teacher / batch   bytes of each array's shard (from the shardings)
   XLA memory_analysis                              arguments, outputs, aliased (donated), temp
@@ -18,30 +19,40 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
+import numpy as np
+
+# None of these imports jax: `python -m` sets XLA_FLAGS (set_device_count) after this module's
+# imports and before jax's, so the modules that import jax are imported inside the functions.
+from clusterstm_jax import cli
+from clusterstm_jax import config_lib
+from clusterstm_jax.data.tokenizer import Tokenizer
+from clusterstm_jax.errors import UserError
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', 'configs/pretrain.py', 'Config file (configs/*.py[:arg]).',
-                                lock_config=True)
-flags.DEFINE_integer('devices', 8, 'Number of simulated CPU devices (the mesh size).')
-flags.DEFINE_string('mesh', None, 'Mesh axis sizes, e.g. "data=2,fsdp=4,tensor=1" (axes left out '
-                    'are 1; one may be -1). Default: config.mesh.')
-flags.DEFINE_string('rules', None, 'Sharding rule set (data, fsdp, fsdp_tensor). Default: '
-                    'config.sharding_rules.')
-flags.DEFINE_integer('vocab_size', None, 'Text vocabulary size. Default: the size of '
-                     'config.data.tokenizer when that file exists, else 32000.')
-flags.DEFINE_integer('batch_size', None, 'Global batch. Default: config.batch_size.')
-flags.DEFINE_enum('teacher', 'auto', ['auto', 'model', 'config'],
-                  'Abstract teacher, when the config needs one: "model" = config.teacher.model '
-                  '(external SigLIP weights), "config" = the one config.teacher.config trains; '
-                  'auto = the one a run would load (model when config.teacher.init is set), '
-                  'or the other when only that one fits model.decoder.out_dim.')
-
+DEFAULT_DEVICES = 8
 DEFAULT_VOCAB = 32000
 MESH_AXES = ('data', 'fsdp', 'tensor')
+
+
+def define_flags() -> None:
+  """After set_device_count: the --config default is loaded here, and config files import jax."""
+  cli.define_config('configs/pretrain.py')
+  flags.DEFINE_integer('devices', DEFAULT_DEVICES,
+                       'Number of simulated CPU devices (the mesh size).')
+  flags.DEFINE_string('mesh', None, 'Mesh axis sizes, e.g. "data=2,fsdp=4,tensor=1" (axes left '
+                      'out are 1; one may be -1). Default: config.mesh.')
+  flags.DEFINE_string('rules', None, 'Sharding rule set (data, fsdp, fsdp_tensor). Default: '
+                      'config.sharding_rules.')
+  flags.DEFINE_integer('vocab_size', None, 'Text vocabulary size. Default: the size of '
+                       'config.data.tokenizer when that file exists, else 32000.')
+  flags.DEFINE_integer('batch_size', None, 'Global batch. Default: config.batch_size.')
+  flags.DEFINE_enum('teacher', 'auto', ['auto', 'model', 'config'],
+                    'Abstract teacher, when the config needs one: "model" = config.teacher.model '
+                    '(external SigLIP weights), "config" = the one config.teacher.config trains; '
+                    'auto = the one a run would load (model when config.teacher.init is set), '
+                    'or the other when only that one fits model.decoder.out_dim.')
 
 
 def _devices_from_argv(argv) -> int:
@@ -50,7 +61,7 @@ def _devices_from_argv(argv) -> int:
       return int(arg.split('=', 1)[1])
     if arg == '--devices' and i + 1 < len(argv):
       return int(argv[i + 1])
-  return FLAGS['devices'].default
+  return DEFAULT_DEVICES
 
 
 def set_device_count(n: int) -> None:
@@ -69,11 +80,11 @@ def parse_mesh(spec: str) -> tuple[tuple[str, int], ...]:
   for item in spec.split(','):
     name, eq, value = item.strip().partition('=')
     if name not in sizes or not eq:
-      raise ValueError(f'bad --mesh item {item!r}: expected AXIS=SIZE with AXIS in {MESH_AXES}')
+      raise UserError(f'bad --mesh item {item!r}: expected AXIS=SIZE with AXIS in {MESH_AXES}')
     try:
       sizes[name] = int(value)
     except ValueError:
-      raise ValueError(f'bad --mesh size {value!r} for axis {name!r}') from None
+      raise UserError(f'bad --mesh size {value!r} for axis {name!r}') from None
   return tuple(sizes.items())
 
 
@@ -82,7 +93,6 @@ def resolve_vocab_size(config, flag_value: int | None) -> tuple[int, str]:
     return flag_value, '--vocab_size'
   path = os.path.expanduser(config.data.get('tokenizer', '') or '')
   if path and os.path.isfile(path):
-    from clusterstm_jax.data.tokenizer import Tokenizer
     return Tokenizer(path).vocab_size, path
   return DEFAULT_VOCAB, 'default (no tokenizer file)'
 
@@ -111,20 +121,20 @@ def make_abstract_teacher(config, mesh, vocab_size: int, which: str):
 
 
 def _abstract_teacher(config, mesh, vocab_size: int, which: str):
-  from clusterstm_jax import config_lib
-  from clusterstm_jax import sharding as sharding_lib
-  from clusterstm_jax import step as step_lib
-  from clusterstm_jax import teacher as teacher_lib
-  import flax.linen as nn
-  import jax
+  import flax.linen as nn  # lazy: flax imports jax (XLA_FLAGS first)
+  import jax  # lazy: XLA_FLAGS first
+  from clusterstm_jax import sharding as sharding_lib  # lazy: imports jax (XLA_FLAGS first)
+  from clusterstm_jax import teacher as teacher_lib  # lazy: imports jax (XLA_FLAGS first)
+  from clusterstm_jax.tasks import base as tasks_base  # lazy: imports jax (XLA_FLAGS first)
+  from clusterstm_jax.tasks import siglip as siglip_task  # lazy: imports jax (XLA_FLAGS first)
   if which == 'model':
     return teacher_lib.abstract_teacher(config, mesh)
   # The architecture config.teacher.config trains (on the student's data), as a run would.
   tconfig = config_lib.load_config_file(config.teacher.config)
   with tconfig.unlocked():
     tconfig.data = config.data.copy_and_resolve_references()
-  model = step_lib.make_siglip(tconfig, vocab_size)
-  boxed = step_lib.abstract_params(model, step_lib.siglip_init_inputs(tconfig))
+  model = siglip_task.make_model(tconfig, vocab_size)
+  boxed = tasks_base.abstract_params(model, siglip_task.init_inputs(tconfig))
   shardings = sharding_lib.tree_shardings(
       boxed, mesh, sharding_lib.logical_rules(config.sharding_rules))
   params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -134,7 +144,7 @@ def _abstract_teacher(config, mesh, vocab_size: int, which: str):
 
 def _check_width(config, teacher, which: str) -> None:
   """The check load_teacher makes: MRM's decoder rebuilds tokens in the teacher's width."""
-  import jax
+  import jax  # lazy: XLA_FLAGS first
   width = jax.tree.leaves(teacher.params['img']['Transformer']['encoder_norm'])[0].shape[-1]
   decoder = config.model.get('decoder')
   if (config.loss_weights.get('mrm', 0.0) > 0 and decoder is not None
@@ -145,8 +155,7 @@ def _check_width(config, teacher, which: str) -> None:
 
 def shard_bytes(abstract_tree, shardings) -> int:
   """Bytes one device holds of a tree of arrays laid out by `shardings` (even shards)."""
-  import jax
-  import numpy as np
+  import jax  # lazy: XLA_FLAGS first
   total = 0
   for (path, x), s in zip(jax.tree_util.tree_leaves_with_path(abstract_tree),
                           jax.tree.leaves(shardings)):
@@ -161,8 +170,7 @@ def shard_bytes(abstract_tree, shardings) -> int:
 
 
 def full_bytes(abstract_tree) -> int:
-  import jax
-  import numpy as np
+  import jax  # lazy: XLA_FLAGS first
   return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
              for x in jax.tree.leaves(abstract_tree))
 
@@ -170,24 +178,24 @@ def full_bytes(abstract_tree) -> int:
 def report(config, *, vocab_size: int, teacher_choice: str = 'auto',
            batch_size: int | None = None) -> dict:
   """Lowers and compiles the train step of `config` on all local devices; returns the figures."""
-  import jax
-  from clusterstm_jax import config_lib
-  from clusterstm_jax import sharding as sharding_lib
-  from clusterstm_jax import step as step_lib
+  import jax  # lazy: XLA_FLAGS first
+  from clusterstm_jax import sharding as sharding_lib  # lazy: imports jax (XLA_FLAGS first)
+  from clusterstm_jax import tasks as tasks_lib  # lazy: imports jax (XLA_FLAGS first)
+  from clusterstm_jax import trainer as trainer_lib  # lazy: imports jax (XLA_FLAGS first)
 
   mesh = sharding_lib.make_mesh(config.mesh)
   batch_size = batch_size or config.batch_size
   shards = sharding_lib.batch_size_per_shard(mesh)
   if batch_size % shards:
-    raise ValueError(f'batch size {batch_size} does not divide over the {shards} batch shards '
+    raise UserError(f'batch size {batch_size} does not divide over the {shards} batch shards '
                      f'of mesh {dict(mesh.shape)}')
   config_lib.validate(config, 1, 1)  # the other cross-field checks of a run
   teacher, which = None, None
-  if step_lib.needs_teacher(config):
+  if tasks_lib.needs_teacher(config):
     teacher, which = make_abstract_teacher(config, mesh, vocab_size, teacher_choice)
   # The schedule's length only changes constants of the step, never its shapes or memory.
-  trainer = step_lib.build_trainer(config, mesh=mesh, vocab_size=vocab_size, total_steps=1000,
-                                   warmup_steps=100, teacher=teacher)
+  trainer = trainer_lib.build_trainer(config, mesh=mesh, vocab_size=vocab_size, total_steps=1000,
+                                      warmup_steps=100, teacher=teacher)
   state, shardings = trainer.abstract_state, trainer.state_shardings
   out = dict(devices=jax.device_count(), mesh=dict(mesh.shape), rules=config.sharding_rules,
              batch_size=batch_size, vocab_size=vocab_size, teacher=which,
@@ -199,7 +207,7 @@ def report(config, *, vocab_size: int, teacher_choice: str = 'auto',
   if teacher is not None:
     out['teacher_bytes'] = shard_bytes(teacher.params, teacher.param_shardings)
     out['teacher_bytes_unsharded'] = full_bytes(teacher.params)
-  batch = step_lib.dummy_batch(config, batch_size)
+  batch = trainer.task.dummy_batch(batch_size)
   out['batch_bytes'] = full_bytes(batch) // shards
 
   compiled = trainer.lower(batch_size).compile()
@@ -248,16 +256,12 @@ def format_report(r: dict) -> str:
   return '\n'.join(lines)
 
 
-def main(argv) -> None:
-  del argv
-  from clusterstm_jax.errors import UserError
-  if not FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
-  import jax
+def main() -> None:
+  import jax  # lazy: XLA_FLAGS first
   config = FLAGS.config
   if jax.device_count() != FLAGS.devices:
-    raise app.UsageError(f'asked for {FLAGS.devices} devices, jax has {jax.device_count()} '
-                         '(run this as `python -m clusterstm_jax.tools.compile_report`)')
+    raise UserError(f'asked for {FLAGS.devices} devices, jax has {jax.device_count()} '
+                    '(run this as `python -m clusterstm_jax.tools.compile_report`)')
   try:
     with config.unlocked():
       if FLAGS.mesh:
@@ -268,12 +272,12 @@ def main(argv) -> None:
     logging.info('vocab size %d from %s', vocab_size, source)
     r = report(config, vocab_size=vocab_size, teacher_choice=FLAGS.teacher,
                batch_size=FLAGS.batch_size)
-  except (UserError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+  except ValueError as e:  # a mesh or batch that does not divide, a teacher that does not fit
+    raise UserError(str(e)) from e
   print(format_report(r))
 
 
 if __name__ == '__main__':
   set_device_count(_devices_from_argv(sys.argv))
-  app.run(main)
+  define_flags()
+  cli.run(main)

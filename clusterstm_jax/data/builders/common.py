@@ -173,7 +173,7 @@ class RealBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     if kept == 0:
       where = f"; first: {first[0]['path']} ({first[0]['reason']})" if first else ""
       raise UserError(f"{self.HUMAN_NAME}: split {split!r} has no usable media "
-                      f"({total} listed in the annotations){where}; check the layout in the README")
+                      f"({total} listed in the annotations){where}; check the layout in docs/datasets.md")
 
   def skipped(self) -> dict:
     """The skip report of the finished build: split -> {total, kept, skipped, missing,
@@ -184,7 +184,7 @@ class RealBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 @contextlib.contextmanager
 def _build_lock(root: str, name: str, config: str):
-  if "://" in root:  # a bucket: no file locks; build once beforehand (see the README)
+  if "://" in root:  # a bucket: no file locks; build once beforehand (docs/datasets.md)
     yield
     return
   os.makedirs(os.path.join(root, name), exist_ok=True)
@@ -265,7 +265,7 @@ def _ordered_load(tasks: Iterable[tuple[Item, media.MediaTask]], pool: DecodePoo
 def check_manual_dir(dataset: str, path: str):
   if not os.path.isdir(path) or not os.listdir(path):
     raise UserError(f"{dataset}: the manual download directory {path} is missing or empty; "
-                    "download the files by hand and lay them out as the README says")
+                    "download the files by hand and lay them out as docs/datasets.md says")
 
 
 def find_file(root: str, candidates: Sequence[str]) -> str | None:

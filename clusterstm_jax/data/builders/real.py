@@ -74,7 +74,7 @@ def get_builder(name: str, data_dir: str | os.PathLike, config: str | None = Non
 
 
 def main(argv):
-  """Builds one real dataset and prints its skip report (see the README's dataset section)."""
+  """Builds one real dataset and prints its skip report (docs/datasets.md)."""
   from absl import flags
 
   del argv

@@ -1,0 +1,1 @@
+"""The test suite: unit/ (fast, no training run) and integration/ (runs, processes, CLIs)."""

@@ -1,0 +1,133 @@
+"""The mask tools (masks, coverage) end to end on the smoke config, with a smoke teacher
+trained once for the module in a tmp workdir."""
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import pretrain
+from tests import helpers
+from clusterstm_jax.masking import strategies as masking
+from clusterstm_jax.tools import coverage
+from clusterstm_jax.tools import masks as vm
+
+REPO = helpers.REPO
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+  """(config, tokenizer, teacher) of the smoke config; the teacher trains here (~1 min)."""
+  config = pretrain.get_config('smoke')
+  config.data.data_dir = str(tmp_path_factory.mktemp('data'))
+  config.teacher.workdir = str(tmp_path_factory.mktemp('teacher'))
+  config.teacher.config = os.path.join(REPO, 'configs', 'teacher.py') + ':smoke'
+  _, tokenizer, teacher = coverage.load(config)
+  return config, tokenizer, teacher
+
+
+def test_render_frame_blends_clusters_and_outlines_kept_tokens():
+  frame = np.full((4, 4, 3), 100, np.uint8)  # 2x2 tokens of patch 2
+  clusters = np.array([0, 1, 1, -1])
+  keep = np.array([True, False, False, False])
+  img = vm.render_frame(frame, clusters, keep, patch=2, scale=4)  # tokens of 8x8 pixels
+  assert img.shape == (16, 16, 3) and img.dtype == np.uint8
+  blend = lambda c: np.round(0.55 * 100 + 0.45 * vm.PALETTE[c].astype(float))
+  np.testing.assert_array_equal(img[4, 4], blend(0))     # inside kept token 0
+  np.testing.assert_array_equal(img[4, 12], blend(1))    # token 1, cluster 1
+  np.testing.assert_array_equal(img[12, 4], blend(1))    # token 2, also cluster 1
+  np.testing.assert_array_equal(img[12, 12], [100] * 3)  # token 3: no cluster, no colour
+  np.testing.assert_array_equal(img[0, 0], [0, 0, 0])    # kept: black outer border...
+  np.testing.assert_array_equal(img[1, 3], [255] * 3)    # ...white ring inside it
+  np.testing.assert_array_equal(img[7, 7], [0, 0, 0])
+  np.testing.assert_array_equal(img[0, 8], blend(1))     # masked token 1: no outline
+  with pytest.raises(ValueError, match='patch'):
+    vm.render_frame(frame, clusters[:3], keep[:3], patch=2, scale=4)
+
+
+def _outlined(tile: np.ndarray, token_px: int) -> np.ndarray:
+  """Which tokens of an upscaled tile carry the white ring (palette blends never reach 240
+  in every channel, see vm.PALETTE), as a flat bool [N]."""
+  probe = tile[1::token_px, 1::token_px]
+  return np.all(probe > 240, axis=-1).reshape(-1)
+
+
+@pytest.mark.slow
+def test_visualize_draws_the_masks_of_each_strategy(setup, tmp_path):
+  config, tokenizer, teacher = setup
+  scale, clips = 2, 2
+  paths = vm.visualize(config, teacher, tokenizer, str(tmp_path), num_clips=clips, scale=scale,
+                       seed=0)
+  assert [os.path.basename(p) for p in paths] == ['masks_0.png', 'masks_1.png', 'masks.png']
+  t, s = config.data.num_frames, config.data.image_size
+  fs = s * scale
+  one = Image.open(paths[0]).convert('RGB')
+  rows = len(vm.STRATEGIES)
+  assert one.size == (vm.LABEL_WIDTH + t * (fs + vm.GAP), vm.CAPTION_HEIGHT + rows * (fs + vm.GAP))
+  both = Image.open(paths[-1])
+  assert both.size == (one.width, 2 * one.height + vm.GAP)
+
+  # The outlined tokens are exactly the kept tokens, recomputed here with the same key.
+  import jax
+  batch = next(coverage.eval_batches(config, tokenizer, clips, num_batches=1))
+  masks = coverage.mask_fn(config, teacher, vm.STRATEGIES)(teacher.params, batch['video'],
+                                                          jax.random.key(0))
+  token_px = 8 * scale  # smoke: patch 8
+  n = (s // 8) ** 2
+  nc = masking.num_keep(n, config.mask.ratio)
+  img = np.asarray(one)
+  for r, strategy in enumerate(vm.STRATEGIES):
+    y = vm.CAPTION_HEIGHT + r * (fs + vm.GAP)
+    for f in range(t):
+      x = vm.LABEL_WIDTH + f * (fs + vm.GAP)
+      drawn = _outlined(img[y:y + fs, x:x + fs], token_px)
+      assert drawn.sum() == nc, (strategy, f)
+      np.testing.assert_array_equal(drawn, np.asarray(masks[strategy].keep_mask[0, f]))
+
+
+@pytest.mark.slow
+def test_coverage_stats_are_pooled_over_the_split(setup):
+  config, tokenizer, teacher = setup
+  keeps, objects = coverage.collect(coverage.with_ratio(config, 0.85), teacher, tokenizer,
+                                    batch_size=24)  # 64 clips: batches of 24, 24, 16
+  table = coverage.stats_table(keeps, objects)
+  assert list(table) == list(coverage.STRATEGIES)
+  n = (config.data.image_size // 8) ** 2  # smoke: patch 8
+  nc = masking.num_keep(n, 0.85)
+  for row in table.values():
+    assert row['num_clips'] == 64  # the whole tiny test split, padding rows dropped
+    for c in coverage.COLUMNS:
+      assert math.isfinite(row[c]) and 0.0 <= row[c] <= 1.0, row
+  assert table['tube']['temporal_recurrence'] == 1.0
+  assert abs(table['random']['temporal_recurrence'] - nc / n) < 0.05
+
+  # Pooled ratios of sums, recomputed from the same masks with plain numpy.
+  present, on_obj = objects.any(axis=2), objects.any(axis=-1)
+  for s, keep in keeps.items():
+    assert keep.shape == objects.shape[:3] and (keep.sum(-1) == nc).all()
+    covered = (objects & keep[..., None]).any(axis=2)
+    assert table[s]['object_coverage'] == pytest.approx(covered.sum() / present.sum(), abs=1e-6)
+    assert table[s]['kept_on_objects'] == pytest.approx((keep & on_obj).sum() / keep.sum(),
+                                                        abs=1e-6)
+    assert table[s]['object_area'] == pytest.approx(on_obj.mean(), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_coverage_cli_prints_the_table(setup):
+  config, _, _ = setup
+  r = subprocess.run(
+      [sys.executable, '-m', 'clusterstm_jax.tools.coverage', '--config=configs/pretrain.py:smoke',
+       f'--config.data.data_dir={config.data.data_dir}',
+       f'--config.teacher.workdir={config.teacher.workdir}', '--num_batches=1',
+       '--batch_size=16'], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  lines = r.stdout.strip().splitlines()
+  assert '16 clips' in lines[0]
+  for strategy in coverage.STRATEGIES:
+    row = next(line for line in lines if line.startswith(strategy + ' '))
+    values = [float(v) for v in row.split()[1:]]
+    assert len(values) == len(coverage.COLUMNS) and all(math.isfinite(v) for v in values)
