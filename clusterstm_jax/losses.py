@@ -24,8 +24,11 @@ import optax
 
 
 def l2_normalize(x, axis=-1, eps=1e-6):
+  """x / |x| along `axis`, computed in (at least) float32: x * rsqrt(sum(x^2) + eps). A zero
+  vector stays zero. The one normalisation of the project: contrastive features, the SigLIP
+  teacher's embeddings, and the teacher tokens the masking clusters."""
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   return x * jax.lax.rsqrt(jnp.sum(x * x, axis=axis, keepdims=True) + eps)
-
 
 
 # ----------------------------------------------------------------------------- VTC

@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clusterstm_jax.masking.dpc import MATMUL_PRECISION, l2_normalize, tidy_sq_dists
+from clusterstm_jax.losses import l2_normalize
+from clusterstm_jax.masking.dpc import MATMUL_PRECISION, tidy_sq_dists
 
 DEFAULT_D_C = 0.1
 

@@ -29,6 +29,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from clusterstm_jax.losses import l2_normalize
+
 # Clustering decides which tokens the student sees; bf16 matmul passes (TPU default) would let
 # rounding reorder near-equal densities, and this matmul is tiny next to the student.
 MATMUL_PRECISION = jax.lax.Precision.HIGHEST
@@ -40,13 +42,6 @@ class DPCResult(NamedTuple):
   centers: jax.Array         # int32 [..., N_c] token index of each centre, by descending score
   rho: jax.Array             # float32 [..., N] local density exp(-mean sq kNN distance)
   log_rho: jax.Array         # float32 [..., N] log of rho (finite even when rho underflows)
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
-  """x / max(|x|, eps) along the last axis, in float32 (a zero vector stays zero)."""
-  x = x.astype(jnp.float32)
-  norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
-  return x / jnp.maximum(norm, eps)
 
 
 def pairwise_sq_dists(x: jax.Array) -> jax.Array:

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from clusterstm_jax import losses
 from clusterstm_jax.masking import density as density_lib
 from clusterstm_jax.masking import dpc as dpc_lib
 
@@ -130,7 +131,7 @@ def compute_mask(strategy: str, rng, *, shape: tuple, num_keep: int, features=No
   elif need_temporal:
     d2 = d2_normalized
   else:
-    d2 = dpc_lib.pairwise_sq_dists(dpc_lib.l2_normalize(features))
+    d2 = dpc_lib.pairwise_sq_dists(losses.l2_normalize(features))
   dpc = dpc_lib.dpc_knn_from_sq_dists(d2, nc, dpc_k)
 
   if strategy == 'clusterstm_random_pick':

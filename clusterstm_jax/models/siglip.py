@@ -1,4 +1,4 @@
-"""The frozen teacher: a SigLIP two-tower image-text model, plus SigLIP's sigmoid loss.
+"""The frozen teacher: a SigLIP two-tower image-text model (its sigmoid loss: losses.py).
 
 Parameter names and shapes follow big_vision's `proj/image_text/two_towers.py` as used by the
 public SigLIP checkpoints (model_cfg: image=dict(variant, pool_type='map'),

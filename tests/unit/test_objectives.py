@@ -334,3 +334,16 @@ def test_decoder_sharded_matches_plain_and_masked_places_see_visible_tokens():
   img = jax.jit(lambda p, v, i: model.apply(p, v, i, (1, h, w)))(plain_params, vis[:, :1],
                                                                   keep[:, :1])
   assert img.shape == (b, 1, n, out) and np.all(np.isfinite(np.asarray(img)))
+
+
+def test_l2_normalize_is_unit_norm_in_float32_and_keeps_zero_vectors():
+  x = np.random.default_rng(0).normal(size=(3, 5, 7)).astype(np.float32) * 4.0
+  x[1, 2] = 0.0
+  got = losses.l2_normalize(jnp.asarray(x))
+  want = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-30)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+  assert not np.any(np.asarray(got)[1, 2])
+  half = losses.l2_normalize(jnp.asarray(x, jnp.bfloat16))
+  assert half.dtype == jnp.float32  # normalised in float32 whatever the input
+  np.testing.assert_allclose(np.asarray(losses.l2_normalize(jnp.asarray(x), axis=0)),
+                             x / np.linalg.norm(x, axis=0, keepdims=True), rtol=1e-5)
