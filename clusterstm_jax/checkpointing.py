@@ -76,22 +76,35 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, data
   return restored['state']
 
 
+def _names(tree) -> dict:
+  """'params/vision/kernel' -> leaf: paths as plain names, so the stored metadata (dicts and
+  lists) and the abstract state (dicts, tuples, optax namedtuples) name leaves alike."""
+  def name(k):
+    for attr in ('key', 'idx', 'name'):
+      if hasattr(k, attr):
+        return str(getattr(k, attr))
+    return str(k)
+  return {'/'.join(name(k) for k in path): leaf
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
 def _shape_mismatch(manager: ocp.CheckpointManager, step: int, abstract_state) -> str | None:
-  """'params/x/kernel: (4, 8) there, (4, 16) here' for the first array whose stored shape differs
-  from the model's; None when all match. Raises when the metadata cannot be read (corrupt)."""
+  """'params/x/kernel: (4, 8) there, (4, 16) here' for the first parameter whose stored shape
+  differs from the model's (or that is not stored); None when all match. Raises when the
+  metadata cannot be read (a corrupt checkpoint)."""
   stored = manager.item_metadata(step)['state']
   if stored is None:
     raise ValueError('no state metadata')
-  tree = getattr(stored, 'tree', stored)
-  flat_stored = {jax.tree_util.keystr(k): v for k, v in
-                 jax.tree_util.tree_leaves_with_path(tree)}
-  for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_state):
-    name = jax.tree_util.keystr(path)
-    there = flat_stored.get(name)
-    if there is None:
-      return f'{name}: missing there'
-    if tuple(there.shape) != tuple(leaf.shape):
-      return f'{name}: {tuple(there.shape)} there, {tuple(leaf.shape)} here'
+  there = _names(getattr(stored, 'tree', stored))
+  if not any(n.startswith('params/') for n in there):
+    raise ValueError('no params in the state metadata')
+  for name, leaf in _names(abstract_state).items():
+    if not name.startswith('params/'):
+      continue
+    if name not in there:
+      return f'{name}: not stored there'
+    if tuple(there[name].shape) != tuple(leaf.shape):
+      return f'{name}: {tuple(there[name].shape)} there, {tuple(leaf.shape)} here'
   return None
 
 

@@ -58,7 +58,7 @@ def _load_config_or_exit() -> None:
   if 'config' not in FLAGS:
     return
   try:
-    FLAGS.config  # pylint: disable=pointless-statement
+    FLAGS.config.keys()  # a config that failed to load raises on first attribute access
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
