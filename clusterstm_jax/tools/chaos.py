@@ -138,6 +138,14 @@ def _comparable(rows):
   return [{k: v for k, v in r.items() if k != 'examples_per_sec'} for r in rows]
 
 
+class _Table(list):
+  """The rows, each also printed as it comes (a long run shows its progress)."""
+
+  def append(self, row):
+    super().append(row)
+    print('| ' + ' | '.join(str(x) for x in row) + ' |', flush=True)
+
+
 def main() -> None:
   out = os.path.abspath(FLAGS.out)
   if os.path.exists(out):
@@ -153,9 +161,9 @@ def main() -> None:
   if rc != 0:
     raise UserError(f'the reference run failed (exit {rc}); see {out}/reference.log')
   total = _total_steps(ref)
-  print(f'reference: {total} steps in {duration:.0f} s')
+  print(f'reference: {total} steps in {duration:.0f} s', flush=True)
 
-  table = []
+  table = _Table()
   kinds = [KILLS[i % 3] if i % 4 != 3 else list(CORRUPTIONS)[(i // 4) % len(CORRUPTIONS)]
            for i in range(FLAGS.faults)]
   log = open(os.path.join(out, 'chaos.log'), 'w')
@@ -216,7 +224,7 @@ def main() -> None:
   with open(os.path.join(chaos, 'run', 'results.json')) as f:
     got = json.load(f)
   tables_equal = want == got
-  print('| # | fault | when | phase hit | exit | steps lost |')
+  print('\n| # | fault | when | phase hit | exit | steps lost |')
   print('|---|---|---|---|---|---|')
   for row in table:
     print('| ' + ' | '.join(str(x) for x in row) + ' |')
