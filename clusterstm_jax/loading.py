@@ -30,7 +30,14 @@ def restore_params(config, ckpt_dir: str, step: int, mesh, vocab_size: int):
   manager = checkpointing.make_manager(ckpt_dir, read_only=True, async_save=False,
                                        with_data=False)
   abstract = checkpointing.abstract_with_shardings(abstract_state, shardings)
-  return checkpointing.restore(manager, step, abstract)['params']
+  try:
+    return checkpointing.restore(manager, step, abstract)['params']
+  except UserError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except -- a damaged or foreign checkpoint
+    reason = ' '.join(f'{type(e).__name__}: {e}'.split())[:200]
+    raise UserError(f'checkpoint step {step} in {ckpt_dir} does not restore ({reason}); a '
+                    'training run moves it aside and resumes from the previous one') from e
 
 
 def load_model(checkpoint: str, data_dir: str = ''):

@@ -138,6 +138,86 @@ def _comparable(rows):
   return [{k: v for k, v in r.items() if k != 'examples_per_sec'} for r in rows]
 
 
+def schedule(n: int, rng: random.Random) -> list[tuple[str, str]]:
+  """(fault, moment) for n faults: signals cycle kill -9, SIGTERM, SIGINT; every 4th fault is a
+  corruption (cycling the kinds); the moments cycle start-up, a random training step, right
+  after a checkpoint save; the last signal hits the final evaluation (nothing after it)."""
+  out, moments = [], ('start-up', 'training', 'after a save', 'training')
+  for i in range(n):
+    if i % 4 == 3:
+      out.append((list(CORRUPTIONS)[(i // 4) % len(CORRUPTIONS)], 'between runs'))
+    else:
+      out.append((KILLS[i % 3], moments[i % len(moments)]))
+  signals = [j for j, (k, _) in enumerate(out) if k in KILLS]
+  for j in signals[-1:] if n >= 6 else []:
+    out[j] = (out[j][0], 'final evaluation')
+  del rng
+  return out
+
+
+def _logged(workdir) -> int:
+  return max([r['step'] for r in _rows(workdir) if 'loss' in r] or [0])
+
+
+def _kill(i, kind, target, chaos, total, rng, log):
+  """Starts the run and sends `kind` at `target`; returns the table row."""
+  ckpts = os.path.join(chaos, 'run', 'checkpoints')
+  start_step, start_ckpts = _logged(chaos), set(_steps(ckpts))
+  step_goal = rng.randint(start_step + 1, max(start_step + 1, total - 2))
+  early = rng.uniform(2.0, 20.0)
+  proc = _start(chaos, log)
+  t0 = time.time()
+  while proc.poll() is None and time.time() - t0 < FLAGS.timeout:
+    now = _logged(chaos)
+    if target == 'start-up' and time.time() - t0 >= early:
+      break
+    if target == 'training' and now >= min(step_goal, total - 1):
+      break
+    if target == 'after a save' and set(_steps(ckpts)) - start_ckpts:
+      break
+    if target == 'final evaluation' and now >= total:
+      time.sleep(rng.uniform(0.0, 1.0))
+      break
+    time.sleep(0.02)
+  if proc.poll() is not None:
+    return (i, kind, target, 'ended before the fault', proc.returncode, '-')
+  phase = _phase(chaos, total)
+  if kind == 'kill -9':
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole group: no builder worker survives
+  else:
+    proc.send_signal(SIGNALS[kind])
+  rc = proc.wait(timeout=FLAGS.timeout)
+  logged, saved = _logged(chaos), max(_steps(ckpts) or [0])  # log_every_steps=1: the step reached
+  return (i, kind, target, phase, rc, logged - saved)
+
+
+def _corrupt(i, kind, chaos, log):
+  """Corrupts the latest checkpoint, then runs until the fallback is done and training goes on
+  (killed there); returns the table row."""
+  run = os.path.join(chaos, 'run')
+  ckpts, aside = os.path.join(run, 'checkpoints'), os.path.join(run, 'checkpoints_unreadable')
+  steps = _steps(ckpts)
+  if not steps:
+    return (i, kind, 'between runs', 'no checkpoint yet: skipped', '-', '-')
+  CORRUPTIONS[kind](os.path.join(ckpts, str(steps[-1])))
+  before = set(os.listdir(aside)) if os.path.isdir(aside) else set()
+  logged = _logged(chaos)
+  proc = _start(chaos, log)
+  t0 = time.time()
+  while proc.poll() is None and time.time() - t0 < FLAGS.timeout:
+    moved = set(os.listdir(aside)) - before if os.path.isdir(aside) else set()
+    if moved and _logged(chaos) > logged:
+      break
+    time.sleep(0.05)
+  if proc.poll() is None:
+    os.killpg(proc.pid, signal.SIGKILL)
+  rc = proc.wait()
+  moved = sorted(set(os.listdir(aside)) - before) if os.path.isdir(aside) else []
+  resumed = steps[-1] if kind == 'stray empty step dir' else (steps[-2] if len(steps) > 1 else 0)
+  return (i, kind, f'step {steps[-1]}', 'moved aside: ' + (', '.join(moved) or 'NOTHING'), rc,
+          f'{logged - resumed} (resumed from {resumed})')
+
+
 class _Table(list):
   """The rows, each also printed as it comes (a long run shows its progress)."""
 
@@ -164,54 +244,14 @@ def main() -> None:
   print(f'reference: {total} steps in {duration:.0f} s', flush=True)
 
   table = _Table()
-  kinds = [KILLS[i % 3] if i % 4 != 3 else list(CORRUPTIONS)[(i // 4) % len(CORRUPTIONS)]
-           for i in range(FLAGS.faults)]
   log = open(os.path.join(out, 'chaos.log'), 'w')
-  ckpts = os.path.join(chaos, 'run', 'checkpoints')
-  for i, kind in enumerate(kinds):
-    log.write(f'\n===== fault {i}: {kind}\n')
+  for i, (kind, target) in enumerate(schedule(FLAGS.faults, rng)):
+    log.write(f'\n===== fault {i}: {kind} at {target}\n')
     log.flush()
     if kind in CORRUPTIONS:
-      steps = _steps(ckpts)
-      if not steps:
-        table.append((i, kind, '-', 'no checkpoint yet: skipped', '-', '-'))
-        continue
-      CORRUPTIONS[kind](os.path.join(ckpts, str(steps[-1])))
-      logged = max([r['step'] for r in _rows(chaos) if 'loss' in r] or [0])
-      proc = _start(chaos, log)  # the next run must fall back; killed once it trains again
-      deadline = time.time() + FLAGS.timeout
-      while proc.poll() is None and time.time() < deadline:
-        rows = [r for r in _rows(chaos) if 'loss' in r]
-        if rows and rows[-1]['step'] > steps[-2 if len(steps) > 1 else -1] and len(
-            glob.glob(os.path.join(chaos, 'run', 'checkpoints_unreadable', '*'))) > 0:
-          break
-        time.sleep(0.2)
-      if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-      rc = proc.wait()
-      moved = sorted(os.listdir(os.path.join(chaos, 'run', 'checkpoints_unreadable'))) \
-          if os.path.isdir(os.path.join(chaos, 'run', 'checkpoints_unreadable')) else []
-      table.append((i, kind, f'step {steps[-1]}', 'moved aside: ' + ', '.join(moved[-1:]),
-                    rc, f'{logged - (steps[-2] if len(steps) > 1 else 0)} (fallback)'))
-      continue
-    delay = rng.uniform(0.0, duration * 1.05)
-    proc = _start(chaos, log)
-    try:
-      proc.wait(timeout=delay)
-    except subprocess.TimeoutExpired:
-      phase = _phase(chaos, total)
-      logged = max([r['step'] for r in _rows(chaos) if 'loss' in r] or [0])
-      if kind == 'kill -9':
-        os.killpg(proc.pid, signal.SIGKILL)  # the whole group: no builder worker survives
-      else:
-        proc.send_signal(SIGNALS[kind])
-      rc = proc.wait(timeout=FLAGS.timeout)
-      # log_every_steps=1: the rows written show the step the run had reached.
-      logged = max([r['step'] for r in _rows(chaos) if 'loss' in r] or [logged])
-      saved = max(_steps(ckpts) or [0])
-      table.append((i, kind, f'{delay:.1f} s', phase, rc, logged - saved))
-      continue
-    table.append((i, kind, f'{delay:.1f} s', 'after the end', proc.returncode, 0))
+      table.append(_corrupt(i, kind, chaos, log))
+    else:
+      table.append(_kill(i, kind, target, chaos, total, rng, log))
   rc = _run_to_end(chaos, log)
   log.close()
 
