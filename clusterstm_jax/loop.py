@@ -218,8 +218,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   pending = {}
   stop_at = total_steps if config.halt_at_step < 0 else min(config.halt_at_step, total_steps)
   guard = _FiniteGuard(ckpt_dir)
-  preemption = resilience.active()
-  preemption.begin_deferring()  # a signal now stops at the next step boundary, after saving
+  preemption = resilience.active()  # a signal stops the loop at a step boundary, after saving
   stopped = None
   sharding_lib.sync_processes('train:loop')  # all processes start stepping together
   while step < stop_at:
@@ -261,7 +260,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   bar.close()
   manager.wait_until_finished()
   manager.close()
-  preemption.end_deferring()  # raises Preempted for a signal that came after the last check
+  preemption.raise_if_requested()  # a signal that came after the loop's last poll
   if stopped:
     writer.close()
     raise Preempted(f'{preemption.signal_name or "preemption"} at step {step}: saved checkpoint '

@@ -5,11 +5,12 @@
   WorkdirLock(path)      `<workdir>/run.lock` (host, pid, process start time) while a run uses the
                          workdir: a second run there stops with an error naming the first; a lock
                          whose process is gone (same host) is stale and taken over;
-  Preemption()           SIGTERM / SIGINT become a request: while deferring (the step loop) the
-                         run stops at the next step boundary after saving a checkpoint there and
-                         exits with EXIT_PREEMPTED (75, EX_TEMPFAIL: launch/watch.sh relaunches);
-                         outside it the request stops the run at once (nothing unsaved is lost
-                         there). A second signal stops at once without saving.
+  Preemption()           SIGTERM / SIGINT become a request, never an exception raised wherever
+                         the program happens to be (an import, a dataset build, an Orbax save):
+                         the step loop stops at the next step boundary after saving a checkpoint
+                         there (a request during start-up: after the first step) and the run exits
+                         with EXIT_PREEMPTED (75, EX_TEMPFAIL: launch/watch.sh relaunches). A
+                         second signal stops at once without saving (KeyboardInterrupt).
   first_non_finite(...)  which of the steps since the last check had a non-finite metric (the
                          train step's on-device `finite` flag, fetched on log/checkpoint steps).
 """
@@ -160,7 +161,6 @@ class Preemption:
 
   def __init__(self):
     self.signal_name: str | None = None
-    self._deferring = False
     self._previous = {}
 
   def install(self) -> 'Preemption':
@@ -182,18 +182,12 @@ class Preemption:
     if self.signal_name is not None:  # a second signal: stop now, without saving
       raise KeyboardInterrupt(f'{name} received twice')
     self.signal_name = name
-    if not self._deferring:
-      raise Preempted(f'{name} received; nothing unsaved to keep at this point')
-    print(f'\n{name} received: saving a checkpoint at the end of this step, then stopping '
-          '(send it again to stop at once, without saving)', flush=True)
+    # os.write, not print: the handler may run in the middle of a print (tqdm) to the same stream
+    os.write(2, f'\n{name} received: stopping at the next step boundary after saving a '
+                'checkpoint (send it again to stop at once, without saving)\n'.encode())
 
-  def begin_deferring(self) -> None:
-    """From now on a signal only sets the request (`stop_requested`, polled every step)."""
-    self._deferring = True
-
-  def end_deferring(self) -> None:
-    """Back to stopping at once; a request that came after the last poll is honoured now."""
-    self._deferring = False
+  def raise_if_requested(self) -> None:
+    """Preempted for a request that came after the loop's last poll (a phase boundary)."""
     if self.signal_name is not None:
       raise Preempted(f'{self.signal_name} received')
 

@@ -44,6 +44,8 @@ flags.DEFINE_string('train_args', '--config=configs/pretrain.py:smoke,mask=rando
                     'Arguments of `python -m clusterstm_jax.train` (a --workdir and the data and '
                     'teacher dirs are added).')
 flags.DEFINE_integer('timeout', 1800, 'Seconds one run may take.')
+flags.DEFINE_string('reference', None, 'A finished reference (DIR/reference of an earlier chaos '
+                    'run with the same --train_args) to reuse instead of running it again.')
 
 KILLS = ('kill -9', 'SIGTERM', 'SIGINT')
 SIGNALS = {'kill -9': signal.SIGKILL, 'SIGTERM': signal.SIGTERM, 'SIGINT': signal.SIGINT}
@@ -97,17 +99,18 @@ def _rows(workdir):
     return [json.loads(line) for line in f if line.strip()]
 
 
-def _phase(workdir, total):
-  """What the run was doing, from what it had written."""
+def _phase(workdir, total, start_step):
+  """What the run was doing, from what it had written (`start_step`: logged when it started)."""
   run, teacher = os.path.join(workdir, 'run'), os.path.join(workdir, 'teacher')
   if os.path.exists(os.path.join(run, 'results.json')):
     return 'after the end'
-  rows = [r for r in _rows(workdir) if 'loss' in r]
-  if rows:
-    return 'final evaluation' if rows[-1]['step'] >= total else 'training'
-  if os.path.isdir(os.path.join(run, 'checkpoints')) or os.path.exists(
-      os.path.join(run, 'run.lock')):
-    return 'start-up (compile)'
+  now = max([r['step'] for r in _rows(workdir) if 'loss' in r] or [0])
+  if now >= total:
+    return 'final evaluation'
+  if now > start_step:
+    return 'training'
+  if os.path.isdir(os.path.join(run, 'checkpoints')):
+    return 'start-up (restore, compile)'
   if os.path.isdir(teacher) and not os.path.exists(os.path.join(teacher, 'export', 'config.json')):
     return 'teacher'
   if not glob.glob(os.path.join(workdir, 'data', 'shapes', '*', '[0-9]*')):
@@ -181,7 +184,7 @@ def _kill(i, kind, target, chaos, total, rng, log):
     time.sleep(0.02)
   if proc.poll() is not None:
     return (i, kind, target, 'ended before the fault', proc.returncode, '-')
-  phase = _phase(chaos, total)
+  phase = _phase(chaos, total, start_step)
   if kind == 'kill -9':
     os.killpg(proc.pid, signal.SIGKILL)  # the whole group: no builder worker survives
   else:
@@ -233,11 +236,19 @@ def main() -> None:
   ref, chaos = os.path.join(out, 'reference'), os.path.join(out, 'chaos')
   os.makedirs(ref)
   os.makedirs(chaos)
+  if FLAGS.reference and os.path.isdir(os.path.join(FLAGS.reference, '..', 'jax_cache')):
+    shutil.copytree(os.path.join(FLAGS.reference, '..', 'jax_cache'),
+                    os.path.join(out, 'jax_cache'))
   rng = random.Random(FLAGS.seed)
-  with open(os.path.join(out, 'reference.log'), 'w') as log:
-    t0 = time.time()
-    rc = _run_to_end(ref, log)
-    duration = time.time() - t0
+  t0 = time.time()
+  if FLAGS.reference:
+    shutil.rmtree(ref)
+    shutil.copytree(FLAGS.reference, ref, symlinks=True)
+    rc = 0
+  else:
+    with open(os.path.join(out, 'reference.log'), 'w') as log:
+      rc = _run_to_end(ref, log)
+  duration = time.time() - t0
   if rc != 0:
     raise UserError(f'the reference run failed (exit {rc}); see {out}/reference.log')
   total = _total_steps(ref)
