@@ -46,8 +46,8 @@ import pytest  # noqa: E402
 # Files by module basename (test file names are unique across tests/, unit/ and integration/).
 _SLOW_FIRST = ('test_downstream', 'test_reliability', 'test_train', 'test_images',
                'test_paper_config', 'test_multiprocess', 'test_sharding', 'test_step',
-               'test_models_siglip', 'test_tools', 'test_decoding', 'test_pretrained_hf', 'test_masking',
-               'test_models_vit', 'test_models_text')
+               'test_models_siglip', 'test_tools', 'test_decoding', 'test_pretrained_hf',
+               'test_masking', 'test_models_vit', 'test_models_text')
 # Files sharing `shared_smoke` (one tiny dataset + one smoke teacher): one xdist group.
 _SMOKE_GROUP = ('test_train', 'test_images')
 # tests/<kind>/... -> the marker its modules carry (`pytestmark = pytest.mark.<kind>`).
