@@ -7,11 +7,18 @@ A checkpoint step directory holds three items, four with an image stream:
   config      the run's config as JSON (no pickles anywhere).
 Orbax writes every step into a temporary directory and renames it when complete, so an interrupted
 save never reads as a checkpoint; `latest_step` only sees finished ones.
+
+`restore_latest` resumes from the newest checkpoint that restores: one that does not (a truncated
+or missing array file, garbage metadata, a removed item, an empty step directory) is moved aside
+to `<checkpoints>/../checkpoints_unreadable/<step>` (never deleted) with a one-line warning. A
+checkpoint of another model shape is not corrupt: it is a UserError naming the parameter.
 """
 from __future__ import annotations
 
 import os
-from typing import Any
+import shutil
+import time
+from typing import Any, Callable
 
 import grain.python as grain
 import jax
@@ -28,7 +35,7 @@ class CheckpointError(UserError):
 
 def make_manager(directory: str, *, max_to_keep: int = 2, save_interval_steps: int = 1,
                  async_save: bool = True, with_data: bool = True, with_image_data: bool = False,
-                 read_only: bool = False) -> ocp.CheckpointManager:
+                 read_only: bool = False, keep_period: int = 0) -> ocp.CheckpointManager:
   data_items = (('data',) if with_data else ()) + (('image_data',) if with_image_data else ())
   items = ('state', 'config') + data_items
   handlers = {'state': ocp.StandardCheckpointHandler(), 'config': ocp.JsonCheckpointHandler()}
@@ -36,6 +43,7 @@ def make_manager(directory: str, *, max_to_keep: int = 2, save_interval_steps: i
     handlers[item] = grain.PyGrainCheckpointHandler()
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
+      keep_period=keep_period or None,
       enable_async_checkpointing=async_save, create=not read_only, read_only=read_only,
       cleanup_tmp_directories=not read_only)
   return ocp.CheckpointManager(os.path.abspath(directory) if '://' not in directory else directory,
@@ -66,6 +74,94 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, data
     args['image_data'] = grain.PyGrainCheckpointRestore(image_iter)
   restored = manager.restore(step, args=ocp.args.Composite(**args))
   return restored['state']
+
+
+def _names(tree) -> dict:
+  """'params/vision/kernel' -> leaf: paths as plain names, so the stored metadata (dicts and
+  lists) and the abstract state (dicts, tuples, optax namedtuples) name leaves alike."""
+  def name(k):
+    for attr in ('key', 'idx', 'name'):
+      if hasattr(k, attr):
+        return str(getattr(k, attr))
+    return str(k)
+  return {'/'.join(name(k) for k in path): leaf
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _shape_mismatch(manager: ocp.CheckpointManager, step: int, abstract_state) -> str | None:
+  """'params/x/kernel: (4, 8) there, (4, 16) here' for the first parameter whose stored shape
+  differs from the model's (or that is not stored); None when all match. Raises when the
+  metadata cannot be read (a corrupt checkpoint)."""
+  stored = manager.item_metadata(step)['state']
+  if stored is None:
+    raise ValueError('no state metadata')
+  there = _names(getattr(stored, 'tree', stored))
+  if not any(n.startswith('params/') for n in there):
+    raise ValueError('no params in the state metadata')
+  for name, leaf in _names(abstract_state).items():
+    if not name.startswith('params/'):
+      continue
+    if name not in there:
+      return f'{name}: not stored there'
+    if tuple(there[name].shape) != tuple(leaf.shape):
+      return f'{name}: {tuple(there[name].shape)} there, {tuple(leaf.shape)} here'
+  return None
+
+
+def move_aside(directory: str, step: int, reason: str, report: Callable = print) -> str:
+  """Moves step dir `step` of `directory` to `<directory>_unreadable/<step>[.N]` (kept for
+  inspection, never deleted); returns the new path."""
+  src = epath.Path(directory) / str(step)
+  dst_root = epath.Path(str(directory).rstrip('/') + '_unreadable')
+  dst_root.mkdir(parents=True, exist_ok=True)
+  dst = dst_root / str(step)
+  if dst.exists():
+    dst = dst_root / f'{step}.{int(time.time())}'
+  if '://' in str(src):
+    src.copy(dst)  # object stores: copy, then remove the step from the checkpoint dir
+    src.rmtree()
+  else:
+    shutil.move(str(src), str(dst))
+  report(f'warning: checkpoint step {step} in {directory} does not restore ({reason}); '
+         f'moved to {dst}, trying the previous one')
+  return str(dst)
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, data_iter=None, *,
+                   image_iter=None, reopen: Callable[[], ocp.CheckpointManager],
+                   report: Callable = print):
+  """(manager, state) from the newest checkpoint of `manager` that restores, else (manager,
+  None). A step that fails is moved aside (move_aside) and `reopen()` gives a manager that no
+  longer lists it. Every process tries the same step; process 0 moves (a shared workdir)."""
+  directory = str(manager.directory)
+  while True:
+    step = manager.latest_step()
+    if step is None:
+      return manager, None
+    try:
+      mismatch = _shape_mismatch(manager, step, abstract_state)
+    except Exception as e:  # pylint: disable=broad-except -- unreadable metadata: corrupt
+      mismatch, error = None, e
+    else:
+      error = None
+      if mismatch:
+        raise CheckpointError(
+            f'checkpoint step {step} in {directory} holds another model ({mismatch}): the config '
+            'changed since it was written; use another workdir, or the original config')
+      try:
+        return manager, restore(manager, step, abstract_state, data_iter, image_iter=image_iter)
+      except CheckpointError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except -- any failure to read it: corrupt
+        error = e
+    reason = ' '.join(f'{type(error).__name__}: {error}'.split())[:200]
+    if jax.process_index() == 0:
+      manager.close()
+      move_aside(directory, step, reason, report)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # lazy: multi-process runs only
+      multihost_utils.sync_global_devices(f'checkpoint:moved_aside:{step}')
+    manager = reopen()
 
 
 def restore_config(directory: str, step: int | None = None) -> dict:

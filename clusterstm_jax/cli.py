@@ -3,12 +3,15 @@
   cli.define_config('configs/x.py')   a locked `--config` (a misspelt override fails)
   cli.run(main)                       absl's app.run with: one `error: ...` line and exit 2 for a
                                       bad command line; one `error: ...` line and exit 1 for a
-                                      UserError; library INFO chatter (Orbax, TFDS) off unless
-                                      --verbosity is given.
+                                      UserError; exit 75 (errors.EXIT_PREEMPTED) for a run stopped
+                                      by SIGTERM/SIGINT after saving ("run it again to resume");
+                                      library INFO chatter (Orbax, TFDS) off unless --verbosity
+                                      is given.
 `main` takes no arguments: it reads its flags (`cli.FLAGS`) and raises UserError for bad input.
 """
 from __future__ import annotations
 
+import re
 import sys
 from typing import Callable
 
@@ -17,7 +20,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from clusterstm_jax.errors import UserError
+from clusterstm_jax.errors import EXIT_PREEMPTED, Preempted, UserError
 
 FLAGS = flags.FLAGS
 
@@ -41,8 +44,27 @@ def parse_flags_or_exit(argv):
     return FLAGS(argv)
   except Exception as e:  # pylint: disable=broad-except -- all of these are bad user input
     lines = [l for l in str(e).strip().splitlines() if l.strip()] or [type(e).__name__]
-    print(f'error: bad command line: {lines[-1] if len(lines) > 1 else lines[0]}',
-          file=sys.stderr)
+    line = lines[-1] if len(lines) > 1 else lines[0]
+    unknown = re.fullmatch(r""""?'([\w.]+)'"?""", line.strip())  # ml_collections' bare KeyError
+    if unknown:
+      given = [a.split('=')[0] for a in argv[1:] if unknown.group(1) in a.split('=')[0]]
+      line = f'unknown config field {given[0] if given else unknown.group(1)}'
+    print(f'error: bad command line: {line}', file=sys.stderr)
+    sys.exit(2)
+
+
+def _load_config_or_exit() -> None:
+  """--config is loaded on first use: a missing or broken config file is one line, too."""
+  if 'config' not in FLAGS:
+    return
+  try:
+    FLAGS.config.keys()  # a config that failed to load raises on first attribute access
+  except UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+  except Exception as e:  # pylint: disable=broad-except -- a file the user named
+    lines = [l.strip() for l in str(e).strip().splitlines() if l.strip()] or [type(e).__name__]
+    print(f'error: --config={config_path()}: {lines[-1]}', file=sys.stderr)
     sys.exit(2)
 
 
@@ -54,10 +76,18 @@ def run(main: Callable[[], object]) -> None:
       sys.exit(2)
     if not FLAGS['verbosity'].present:
       logging.set_verbosity(logging.WARNING)
+    _load_config_or_exit()
     try:
       main()
     except UserError as e:
       print(f'error: {e}', file=sys.stderr)
       sys.exit(1)
+    except Preempted as e:
+      print(f'stopped: {e}; run the same command again to resume (exit {EXIT_PREEMPTED})',
+            file=sys.stderr)
+      sys.exit(EXIT_PREEMPTED)
+    except KeyboardInterrupt:
+      print('error: interrupted (nothing saved since the last checkpoint)', file=sys.stderr)
+      sys.exit(130)
 
   app.run(_main, flags_parser=parse_flags_or_exit)

@@ -65,8 +65,8 @@ def steps(prefix: str, config: ml_collections.ConfigDict, *, data_size: int | No
   """Turns exactly one of `{prefix}_steps`, `{prefix}_epochs`, `{prefix}_examples` into steps."""
   given = {}
   for suffix in ('steps', 'epochs', 'examples'):
-    value = config.get(f'{prefix}_{suffix}')
-    if value is not None and value >= 0:
+    value = _duration(config, prefix, suffix)
+    if value is not None:
       given[suffix] = value
   if len(given) > 1:
     raise ConfigError(f'give exactly one of {prefix}_steps/_epochs/_examples, got {sorted(given)}')
@@ -82,6 +82,19 @@ def steps(prefix: str, config: ml_collections.ConfigDict, *, data_size: int | No
       raise ConfigError(f'{prefix}_epochs needs a dataset of known size')
     value = value * data_size
   return int(math.ceil(value / batch_size))
+
+
+def _duration(config: ml_collections.ConfigDict, prefix: str, suffix: str):
+  """config.{prefix}_{suffix}, None when unset (-1 or absent); other negatives, and a zero
+  total, are errors naming the field."""
+  name = f'{prefix}_{suffix}'
+  value = config.get(name)
+  if value is None or value == -1:
+    return None
+  if isinstance(value, bool) or value < 0 or (value == 0 and prefix == 'total'):
+    raise ConfigError(f'{name}={value!r} must be {">" if prefix == "total" else ">="} 0 '
+                      '(or -1: unset)')
+  return value
 
 
 def image_every(config: ml_collections.ConfigDict) -> int:
@@ -120,8 +133,43 @@ def _validate_images(config: ml_collections.ConfigDict, num_devices: int,
                       'name the image dataset and its split (e.g. cc3m, train)')
 
 
+# Fields of every training config that must be ints >= 1 (0 would divide by zero or, for
+# keep_checkpoints, delete each checkpoint right after writing it).
+POSITIVE_INTS = ('batch_size', 'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
+                 'data.num_frames', 'data.image_size')
+
+
+def _field(config: ml_collections.ConfigDict, path: str):
+  node = config
+  for name in path.split('.'):
+    if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+      return None
+    node = node[name]
+  return node
+
+
+def validate_fields(config: ml_collections.ConfigDict) -> None:
+  """Single-field checks: positive ints, durations, keep_period, halt_at_step."""
+  for prefix in ('total', 'warmup'):
+    for suffix in ('steps', 'epochs', 'examples'):
+      _duration(config, prefix, suffix)
+  for path in POSITIVE_INTS:
+    value = _field(config, path)
+    if value is None:
+      continue
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ConfigError(f'{path}={value!r} must be an int >= 1')
+  keep_period = config.get('keep_period', 0)
+  if isinstance(keep_period, bool) or not isinstance(keep_period, int) or keep_period < 0:
+    raise ConfigError(f'keep_period={keep_period!r} must be an int >= 0 (0: off)')
+  halt = config.get('halt_at_step', -1)
+  if isinstance(halt, bool) or not isinstance(halt, int) or halt < -1:
+    raise ConfigError(f'halt_at_step={halt!r} must be an int >= 0 (or -1: never)')
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int, process_count: int) -> None:
-  """Checks cross-field constraints that would otherwise fail deep inside jit."""
+  """Checks single fields and cross-field constraints that would otherwise fail deep inside jit."""
+  validate_fields(config)
   if config.batch_size % process_count:
     raise ConfigError(f'batch_size={config.batch_size} is not divisible by the '
                       f'{process_count} processes')

@@ -30,7 +30,14 @@ def restore_params(config, ckpt_dir: str, step: int, mesh, vocab_size: int):
   manager = checkpointing.make_manager(ckpt_dir, read_only=True, async_save=False,
                                        with_data=False)
   abstract = checkpointing.abstract_with_shardings(abstract_state, shardings)
-  return checkpointing.restore(manager, step, abstract)['params']
+  try:
+    return checkpointing.restore(manager, step, abstract)['params']
+  except UserError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except -- a damaged or foreign checkpoint
+    reason = ' '.join(f'{type(e).__name__}: {e}'.split())[:200]
+    raise UserError(f'checkpoint step {step} in {ckpt_dir} does not restore ({reason}); a '
+                    'training run moves it aside and resumes from the previous one') from e
 
 
 def load_model(checkpoint: str, data_dir: str = ''):
@@ -66,16 +73,19 @@ def load_model(checkpoint: str, data_dir: str = ''):
   return config, exports.read_params(checkpoint, abstract), tokenizer, mesh
 
 
-def export_run(workdir: str, out_dir: str | None = None) -> str:
-  """Exports the latest checkpoint of a training run (default: WORKDIR/export)."""
+def export_run(workdir: str, out_dir: str | None = None, *, overwrite: bool = False) -> str:
+  """Exports the latest checkpoint of a training run (default: WORKDIR/export). An existing
+  `out_dir` must be an export of ours, replaced only with `overwrite` (exports.check_out_dir)."""
+  out_dir = out_dir or os.path.join(workdir, 'export')
+  exports.check_out_dir(out_dir, overwrite=overwrite)  # before minutes of restoring
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   ckpt_dir, step = checkpointing.resolve_checkpoint_path(ckpt_dir)
   config = ml_collections.ConfigDict(checkpointing.restore_config(ckpt_dir, step))
   mesh = sharding_lib.make_mesh(config.mesh)
   tokenizer = pipeline.get_tokenizer(config.data)
   params = restore_params(config, ckpt_dir, step, mesh, tokenizer.vocab_size)
-  return exports.write_export(out_dir or os.path.join(workdir, 'export'), params, config,
-                              pipeline.tokenizer_path(config.data))
+  return exports.write_export(out_dir, params, config, pipeline.tokenizer_path(config.data),
+                              overwrite=overwrite)
 
 
 def evaluate_checkpoint(eval_config) -> dict:

@@ -9,7 +9,6 @@ reused), then `train_and_evaluate`.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -25,31 +24,44 @@ from clusterstm_jax import config_lib
 from clusterstm_jax import evaluators
 from clusterstm_jax import exports
 from clusterstm_jax import loading
+from clusterstm_jax import resilience
 from clusterstm_jax import sharding as sharding_lib
 from clusterstm_jax import tasks as tasks_lib
 from clusterstm_jax import teacher as teacher_lib
 from clusterstm_jax import trainer as trainer_lib
 from clusterstm_jax.data import pipeline
-from clusterstm_jax.errors import UserError
+from clusterstm_jax.errors import Preempted, UserError
 from clusterstm_jax.evaluators import metrics as metrics_lib
 from clusterstm_jax.metric_writer import MetricWriter
 from clusterstm_jax.models import clusterstm as clusterstm_lib
 
 
 def run(config, workdir: str) -> dict:
-  """Checks, trains a missing default teacher (its own run), then train_and_evaluate."""
-  check(config)
-  prepare_teacher(config)
-  return train_and_evaluate(config, workdir)
+  """Checks, trains a missing default teacher (its own run), then train_and_evaluate.
+  SIGTERM/SIGINT stop it at a step boundary after saving (errors.Preempted)."""
+  check(config, workdir)
+  with resilience.handle_preemption():
+    prepare_teacher(config)
+    return train_and_evaluate(config, workdir)
 
 
-def check(config) -> None:
-  """What can be checked in seconds, before minutes of data building or teacher training."""
+def check(config, workdir: str | None = None) -> None:
+  """What can be checked in seconds, before minutes of data building or teacher training, and
+  before anything is created: every problem is one UserError naming the field or path."""
+  if workdir is not None:
+    resilience.check_workdir(workdir)
+  config_lib.validate_fields(config)
   if config.resume:
     checkpointing.resolve_checkpoint_path(config.resume)
-  mesh = sharding_lib.make_mesh(config.mesh)
+  try:
+    mesh = sharding_lib.make_mesh(config.mesh)
+    sharding_lib.logical_rules(config.sharding_rules)
+  except ValueError as e:
+    raise UserError(f'config.mesh={config.mesh!r}, config.sharding_rules='
+                    f'{config.sharding_rules!r}: {e}') from e
   config_lib.validate(config, sharding_lib.batch_size_per_shard(mesh), jax.process_count())
   tasks_lib.name(config)
+  pipeline.check_data_dir(config.data)
 
 
 def prepare_teacher(config, *, always: bool = False) -> None:
@@ -98,11 +110,16 @@ def examples_per_step(config) -> float:
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
-  """Runs (or resumes) training in `workdir`; returns the final evaluation results."""
+  """Runs (or resumes) training in `workdir`; returns the final evaluation results. The config
+  is checked first (nothing created for a bad one); the workdir is locked while it runs."""
+  check(config, workdir)
+  with resilience.WorkdirLock(workdir):
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config, workdir: str) -> dict:
   # --- setup ---
   is_main = jax.process_index() == 0
-  if is_main:
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   logging.info('workdir %s, %d processes, %d devices', workdir, jax.process_count(),
                jax.device_count())
 
@@ -154,16 +171,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # --- restore: own workdir -> config.resume -> config.init -> scratch ---
   ckpt_dir = os.path.join(workdir, 'checkpoints')
-  manager = checkpointing.make_manager(
-      ckpt_dir, max_to_keep=config.keep_checkpoints, async_save=config.async_checkpointing,
-      with_image_data=image_iter is not None)
+  def open_manager():
+    return checkpointing.make_manager(
+        ckpt_dir, max_to_keep=config.keep_checkpoints, async_save=config.async_checkpointing,
+        with_image_data=image_iter is not None, keep_period=config.get('keep_period', 0))
   abstract = checkpointing.abstract_with_shardings(trainer.abstract_state,
                                                    trainer.state_shardings)
-  state = None
-  if manager.latest_step() is not None:
-    step0 = manager.latest_step()
-    logging.info('resuming from %s step %d', ckpt_dir, step0)
-    state = checkpointing.restore(manager, step0, abstract, train_iter, image_iter=image_iter)
+  # The newest checkpoint that restores; unreadable ones are moved aside with a warning.
+  manager, state = checkpointing.restore_latest(
+      open_manager(), abstract, train_iter, image_iter=image_iter, reopen=open_manager,
+      report=lambda line: print(line, file=sys.stderr) if is_main else None)
+  if state is not None:
+    logging.info('resumed from %s step %d', ckpt_dir, int(state['step']))
   elif config.resume:
     rdir, rstep = checkpointing.resolve_checkpoint_path(config.resume)
     logging.info('resuming from %s step %d', rdir, rstep)
@@ -188,16 +207,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
       return results
 
   # --- loop ---
-  writer = MetricWriter(workdir)
+  writer = MetricWriter(workdir, start_step=step)  # rows of replayed steps are replaced
   base_key = jax.random.key(config.seed + 1)
   bar = tqdm.tqdm(total=total_steps, initial=step, disable=not is_main, dynamic_ncols=True,
                   desc='train', file=sys.stdout)
-  t_last, step_last, examples = time.perf_counter(), step, 0
+  t_last, examples = time.perf_counter(), 0
   last_metrics = None
   # The latest metrics of each kind since the last log, as (step, metrics on device). Image
   # steps are logged under 'image/' in rows of their own step, so the two losses never mix.
   pending = {}
   stop_at = total_steps if config.halt_at_step < 0 else min(config.halt_at_step, total_steps)
+  guard = _FiniteGuard(ckpt_dir)
+  preemption = resilience.active()  # a signal stops the loop at a step boundary, after saving
+  stopped = None
   sharding_lib.sync_processes('train:loop')  # all processes start stepping together
   while step < stop_at:
     kind = step_kind(config, step, total_steps)
@@ -211,32 +233,38 @@ def train_and_evaluate(config, workdir: str) -> dict:
     examples += config_lib.image_batch_size(config) if kind == 'image' else config.batch_size
     step += 1
     bar.update(1)
+    guard.add(step, metrics.pop('finite'))  # on device; fetched on log/checkpoint steps only
     pending['image' if kind == 'image' else 'video'] = (step, metrics)
-    if step % config.log_every_steps == 0 or step == total_steps:
+    log_now = step % config.log_every_steps == 0 or step == total_steps
+    save_now = step % config.checkpoint_every_steps == 0 or step == stop_at
+    stopped = preemption.stop_requested(step, sync_step=log_now or save_now)
+    if log_now or save_now or stopped:
+      guard.check(manager, step)  # a non-finite step is never logged as good, nor saved
+    if log_now:
       rows = sorted((s, 'image/' if k == 'image' else '', jax.device_get(m))
                     for k, (s, m) in pending.items())
       pending = {}
-      bad = sorted(p + k for _, p, m in rows for k, v in m.items()
-                   if not math.isfinite(float(v)))
-      if bad:
-        manager.wait_until_finished()
-        raise FloatingPointError(
-            f'non-finite {bad} between steps {step_last} and {step}; the last good '
-            f'checkpoint is step {manager.latest_step()} in {ckpt_dir}')
       now = time.perf_counter()
       rows[-1][2]['examples_per_sec'] = examples / (now - t_last)  # both streams, unprefixed
-      t_last, step_last, examples = now, step, 0
+      t_last, examples = now, 0
       for s, prefix, m in rows:
         writer.write(s, {(prefix + k if k != 'examples_per_sec' else k): v
                          for k, v in m.items()})
         if not prefix:
           bar.set_postfix(loss=f"{m['loss']:.3f}", refresh=False)
           last_metrics = m
-    if step % config.checkpoint_every_steps == 0 or step == stop_at:
+    if save_now or stopped:
       checkpointing.save(manager, step, state, config, train_iter, image_iter=image_iter)
+    if stopped:
+      break
   bar.close()
   manager.wait_until_finished()
   manager.close()
+  preemption.raise_if_requested()  # a signal that came after the loop's last poll
+  if stopped:
+    writer.close()
+    raise Preempted(f'{preemption.signal_name or "preemption"} at step {step}: saved checkpoint '
+                    f'step {step} in {ckpt_dir}')
   if step < total_steps:
     print(f'halted at step {step} of {total_steps} (halt_at_step); run again to resume.')
     writer.close()
@@ -247,6 +275,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   results['step'] = step
   if last_metrics is not None:
     results['final_train_loss'] = float(last_metrics['loss'])
+  elif writer.last('loss') is not None:  # a rerun after a stop during the final evaluation
+    results['final_train_loss'] = writer.last('loss')
   writer.write(step, {f'eval/{k}': v for k, v in results.items()
                       if isinstance(v, (int, float))})
   writer.close()
@@ -256,6 +286,42 @@ def train_and_evaluate(config, workdir: str) -> dict:
     tmp.replace(results_path)
   print_results(results, is_main)
   return results
+
+
+class _FiniteGuard:
+  """The train step's on-device `finite` flags (every metric and the params finite) since the
+  last check; `check` fetches them at once and stops the run on the first false one, before
+  that step's metrics are logged or its state saved, so every checkpoint holds finite values."""
+
+  def __init__(self, ckpt_dir: str):
+    self.ckpt_dir = ckpt_dir
+    self.flags, self.steps = [], []
+    self.last_ok = None  # the last step known finite
+
+  def add(self, step: int, flag) -> None:
+    self.flags.append(flag)
+    self.steps.append(step)
+
+  def check(self, manager, step: int) -> None:
+    bad = resilience.first_non_finite(self.flags, self.steps)
+    first_unchecked = self.steps[0] if self.steps else step
+    self.flags, self.steps = [], []
+    if bad is None:
+      self.last_ok = step
+      return
+    manager.wait_until_finished()
+    latest = manager.latest_step()
+    where = (f'the last checkpoint, step {latest} in {self.ckpt_dir}, is finite (rerunning '
+             'resumes from it and replays the same steps)' if latest is not None else
+             'no checkpoint was saved')
+    raise NonFiniteError(
+        f'non-finite loss, gradients or parameters at step {bad} (checked steps '
+        f'{first_unchecked}-{step}); nothing after step {bad - 1} was saved; {where}; lower '
+        'optax.lr or check the data')
+
+
+class NonFiniteError(UserError):
+  """A train step produced a non-finite value (see _FiniteGuard)."""
 
 
 def _load_vision_tower(config, trainer, params):

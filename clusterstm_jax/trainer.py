@@ -108,6 +108,10 @@ def build_trainer(config, *, mesh, total_steps: int, warmup_steps: int, teacher=
     metrics.update(loss=loss, lr=schedule(state['step']),
                    grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params),
                    update_norm=optax.global_norm(updates))
+    # One on-device flag per step (the loop fetches them on log/checkpoint steps only): every
+    # metric, the gradients and the new params (param_norm) finite.
+    metrics['finite'] = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v))
+                                           for v in jax.tree.leaves(metrics)]))
     return dict(step=state['step'] + 1, params=params, opt_state=opt_state), metrics
 
   example = task.dummy_batch(2)

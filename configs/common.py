@@ -32,7 +32,9 @@ def training_config(config: ml_collections.ConfigDict) -> None:
 
   config.log_every_steps = 20
   config.checkpoint_every_steps = 200
-  config.keep_checkpoints = 2
+  config.keep_checkpoints = 2  # the newest N checkpoints (>= 1)
+  # Also keep every checkpoint whose step is a multiple of this (sparse history); 0: off.
+  config.keep_period = 0
   config.async_checkpointing = True
   # Resume order: this workdir's latest checkpoint -> `resume` (a checkpoint dir) -> `init`
   # (pretrained weights) -> scratch.

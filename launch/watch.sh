@@ -3,8 +3,9 @@
 # TERMINATED (queued resource: SUSPENDED or FAILED) delete it, recreate it, reinstall and rerun
 # the config. The run resumes by itself from the workdir's latest checkpoint. On a healthy
 # slice where nothing runs yet it installs and starts the run, so this one command also brings
-# a run up from nothing. Exits 0 when the run finishes, 1 when it crashes on a healthy slice
-# (last log lines shown), 2 after --max-relaunches relaunches.
+# a run up from nothing. A run that exits 75 (it stopped on SIGTERM/SIGINT after saving a
+# checkpoint at its current step) is resumed at once. Exits 0 when the run finishes, 1 when it
+# crashes on a healthy slice (last log lines shown), 2 after --max-relaunches relaunches.
 #
 #   launch/watch.sh --name=NAME --zone=ZONE --accelerator-type=TYPE --version=RUNTIME
 #                   --workdir=gs://BUCKET/RUN [--project=PROJECT] [--queued] [--spot]
@@ -51,6 +52,10 @@ while :; do
         running) crash_seen=0 ;;
         none) if ! relaunch "$state"; then log "relaunch failed; trying again at the next check"; fi ;;
         exited:0) log "the run on $NAME finished; delete the slice with launch/delete.sh"; exit 0 ;;
+        exited:75)  # SIGTERM/SIGINT: it saved a checkpoint at its current step; resume it
+          crash_seen=0
+          log "the run on $NAME stopped on a signal after saving (exit 75); resuming it"
+          if ! relaunch "$state"; then log "relaunch failed; trying again at the next check"; fi ;;
         exited:*)
           if ((crash_seen)); then
             log "the run on $NAME exited with status ${status#exited:} on a healthy slice;" \

@@ -52,6 +52,28 @@ def _data_dir(data_config) -> str:
   return os.path.expanduser(data_config.data_dir)
 
 
+def check_data_dir(data_config) -> None:
+  """config.data.data_dir before any build: set; a directory; for shapes (built on first use)
+  creatable; for the real datasets existing (their sources are read from <data_dir>/manual)."""
+  if not data_config.data_dir:
+    raise UserError("config.data.data_dir is empty")
+  path = _data_dir(data_config)
+  if "://" in path:
+    return
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise UserError(f"config.data.data_dir={path} is a file, not a directory")
+  if data_config.name != "shapes" and not os.path.isdir(path):
+    raise UserError(f"config.data.data_dir={path} does not exist (see docs/datasets.md)")
+  existing = path
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if existing != path and not (os.path.isdir(existing) and os.access(existing, os.W_OK)):
+    raise UserError(f"config.data.data_dir={path} does not exist and cannot be created "
+                    f"({existing} is not a writable directory)")
+  if data_config.tokenizer:
+    tokenizer_path(data_config)
+
+
 def _builder(data_config):
   """The config's prepared TFDS builder; builds it on first use."""
   name, data_dir = data_config.name, _data_dir(data_config)

@@ -107,7 +107,8 @@ def test_three_tasks_through_exported_checkpoints(finetuned, cli):
   printed = {'retrieval': 'contrastive scores only:', 'qa': 'VideoQA top-1 accuracy',
              'caption': 'CIDEr'}
   for name, (exported, out, stdout) in cli.items():
-    assert sorted(os.listdir(exported)) == ['config.json', 'params', 'tokenizer.model'], name
+    assert sorted(os.listdir(exported)) == ['config.json', 'manifest.json', 'params',
+                                            'tokenizer.model'], name
     assert out['task'] == TASKS[name][1] and out['split'] == 'test'
     metrics = out['metrics']
     assert expected_keys[name] <= set(metrics), name

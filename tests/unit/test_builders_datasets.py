@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from clusterstm_jax.data import video_io
-from clusterstm_jax.data.builders import common
+from clusterstm_jax.data.builders import common, webvid
+from clusterstm_jax.errors import UserError
 from tests.unit.builder_fixtures import (SIZE, assert_video, build, records, texts, write_corrupt,
                                          write_json, write_text, write_video)
 
@@ -239,3 +240,20 @@ def test_cc3m_images_by_row_index(tmp_path):
     np.testing.assert_allclose(img.reshape(-1, 3).mean(0), colours[i], atol=8)
   r = b.skipped()["train"]
   assert (r["missing"], r["unreadable"]) == (1, 1)
+
+
+def test_webvid_csv_paths_stay_inside_the_videos_dir(tmp_path):
+  header = "videoid,contentUrl,duration,page_dir,name\n"
+  for page_dir, vid in (("../../etc", "1"), ("/abs", "1"), ("000001_000050", "../x"), ("", "1")):
+    path = tmp_path / "r.csv"
+    write_text(path, header + f"{vid},u,PT00H00M10S,{page_dir},caption\n")
+    with pytest.raises(UserError, match="r.csv line 2: .*not a plain relative name"):
+      list(webvid._rows(str(path), str(tmp_path / "videos")))
+
+
+def test_symlink_cycles_are_walked_once(tmp_path):
+  (tmp_path / "a" / "b").mkdir(parents=True)
+  (tmp_path / "a" / "b" / "v.mp4").write_bytes(b"")
+  os.symlink(tmp_path / "a", tmp_path / "a" / "b" / "loop")  # a -> b -> loop -> a -> ...
+  os.symlink(tmp_path / "a" / "b", tmp_path / "a" / "alias")
+  assert common.index_files(str(tmp_path)) == {"v": str(tmp_path / "a" / "alias" / "v.mp4")}

@@ -53,8 +53,7 @@ class Cc3m(common.RealBuilder):
 def _index_images(directory: str) -> dict[int, str]:
   """Row index -> image path, for files whose stem is an integer."""
   out: dict[int, str] = {}
-  for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
-    dirnames.sort()  # deterministic choice when a row has two files
+  for dirpath, _, filenames in common.walk(directory):  # sorted: deterministic on duplicates
     for name in sorted(filenames):
       stem, ext = os.path.splitext(name)
       if stem.isdigit() and ext.lower() in IMAGE_EXTENSIONS:

@@ -301,14 +301,28 @@ def load_json(dataset: str, path: str) -> Any:
     raise UserError(f"{dataset}: cannot read {path}: {e}") from e
 
 
+def walk(directory: str):
+  """os.walk following symlinks, each real directory once: a symlink cycle (a link to a parent)
+  ends instead of looping forever."""
+  seen = set()
+  for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
+    real = os.path.realpath(dirpath)
+    if real in seen:
+      dirnames[:] = []
+      continue
+    seen.add(real)
+    dirnames[:] = sorted(d for d in dirnames
+                         if os.path.realpath(os.path.join(dirpath, d)) not in seen)
+    yield dirpath, dirnames, filenames
+
+
 def index_files(directory: str, extensions: Sequence[str] = media.VIDEO_EXTENSIONS) -> dict[str, str]:
   """File stem -> path for every file with one of `extensions` under `directory` (recursive).
 
   On a stem found twice, .mp4 wins, then the first in sorted order (deterministic).
   """
   out: dict[str, str] = {}
-  for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
-    dirnames.sort()
+  for dirpath, _, filenames in walk(directory):
     for name in sorted(filenames):
       stem, ext = os.path.splitext(name)
       if ext.lower() not in extensions:

@@ -59,9 +59,19 @@ def _check_header(path: str):
     raise UserError(f"{NAME}: {path} lacks the column(s) {missing}; it has {header}")
 
 
+def _check_relative(path: str, line: int, column: str, value: str):
+  """A CSV field that becomes part of a path stays inside the videos directory."""
+  parts = value.replace("\\", "/").split("/")
+  if not value or os.path.isabs(value) or ".." in parts or (column == "videoid" and len(parts) > 1):
+    raise UserError(f"{NAME}: {path} line {line}: {column}={value!r} is not a plain relative "
+                    "name (absolute, '..' or empty); fix the CSV")
+
+
 def _rows(path: str, videos: str) -> Iterator[common.Item]:
   with open(path, newline="", encoding="utf-8") as f:
-    for row in csv.DictReader(f):
+    for line, row in enumerate(csv.DictReader(f), start=2):
       vid, page_dir = row["videoid"].strip(), row["page_dir"].strip()
+      _check_relative(path, line, "page_dir", page_dir)
+      _check_relative(path, line, "videoid", vid)
       yield common.Item(vid, os.path.join(videos, page_dir, f"{vid}.mp4"),
                         common.text_features([row["name"]]))
