@@ -115,6 +115,17 @@ def _crop_square(images: np.ndarray, rng: np.random.Generator | None):
   return images[:, rows, cols], rows, cols
 
 
+def eval_frames(frames: np.ndarray, num_frames: int, image_size: int) -> np.ndarray:
+  """Decoded frames uint8 [N, H, W, 3] -> the model's input [num_frames, size, size, 3], as the
+  eval loader makes it: the middle frame of each segment, a centred square, resized."""
+  frames = np.asarray(frames)
+  if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+    raise UserError(f"video frames must be uint8 [T, H, W, 3], got {frames.dtype} "
+                    f"{list(frames.shape)}")
+  video = frames[video_io.sample_frame_indices(len(frames), num_frames)]
+  return video_io.resize(_crop_square(video, None)[0], image_size)
+
+
 def decode_example(ex: dict[str, Any], *, tokenizer: Tokenizer, num_frames: int, image_size: int,
                    max_text_len: int, rng: np.random.Generator | None) -> dict[str, np.ndarray]:
   """One stored example -> fixed-shape arrays.
