@@ -20,7 +20,7 @@ import pytest
 
 import clusterstm_jax
 from configs import finetune_caption, finetune_qa
-from clusterstm_jax import exports
+from clusterstm_jax import exports, loop
 from clusterstm_jax import tasks as tasks_lib
 from clusterstm_jax.data import pipeline, shapes, video_io
 from clusterstm_jax.errors import UserError
@@ -170,3 +170,25 @@ def test_caption_is_greedy_decoding(root):
       if ids[0, t] == tok.eos_id:
         break
     assert got[row] == tok.decode(ids[0])
+
+
+def test_portable_exports_from_the_command_load_like_the_orbax_one(root):
+  """A 2-step run exported three ways by the command; load() gives the same embeddings."""
+  config = helpers.teacherless_config(total_steps=2, data_dir=root / 'data')
+  workdir = str(root / 'run')
+  loop.run(config, workdir)
+  models = {}
+  for fmt in ('orbax', 'safetensors', 'npz'):
+    out = str(root / f'export_{fmt}')
+    r = helpers.run_python('-m', 'clusterstm_jax.export', f'--workdir={workdir}', f'--out={out}',
+                           f'--format={fmt}')
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f'exported to {out}' in r.stdout
+    models[fmt] = clusterstm_jax.load(out)
+  assert sorted(os.listdir(root / 'export_safetensors')) == [
+      'config.json', 'model.safetensors', 'tokenizer.model']
+  clips = _clips(3)
+  frames, captions = np.stack([c['frames'] for c in clips]), [c['caption'] for c in clips]
+  want = models['orbax'].similarity(captions, frames)
+  for fmt in ('safetensors', 'npz'):
+    np.testing.assert_array_equal(models[fmt].similarity(captions, frames), want, err_msg=fmt)
