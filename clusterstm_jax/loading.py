@@ -45,7 +45,9 @@ def load_model(checkpoint: str, data_dir: str = ''):
     raise UserError(f'checkpoint not found: {checkpoint}')
   if portable.find(checkpoint):
     return load_portable(checkpoint, data_dir)
-  is_export = os.path.exists(os.path.join(checkpoint, 'config.json'))
+  # A training workdir also holds a config.json (its resolved config): an export has params/.
+  is_export = (os.path.exists(os.path.join(checkpoint, 'config.json'))
+               and os.path.exists(os.path.join(checkpoint, 'params')))
   if is_export:
     config = exports.read_config(checkpoint)
   else:
