@@ -87,6 +87,11 @@ def tokenizer_path(data_config) -> str:
     if not os.path.isfile(path):
       raise UserError(f"tokenizer model not found: {path} (config.data.tokenizer)")
     return path
+  if data_config.name == "folder":  # trained on the folder's own captions at build time
+    # lazy: TFDS builders load only when used
+    from clusterstm_jax.data.builders import folder
+
+    return folder.tokenizer_path(_builder(data_config))
   if data_config.name != "shapes":
     raise UserError(f"dataset {data_config.name!r} needs config.data.tokenizer "
                     "(a sentencepiece .model path)")
