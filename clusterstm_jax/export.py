@@ -33,5 +33,10 @@ def main() -> None:
   print(f'exported to {loading.export_run(FLAGS.workdir, FLAGS.out)}')
 
 
+def console() -> None:
+  """The `clusterstm-export` console script (pyproject.toml)."""
+  cli.run(main)
+
+
 if __name__ == '__main__':
   cli.run(main)
