@@ -66,10 +66,10 @@ def save_config(config, workdir: str, *, enabled: bool = True, show: bool = True
   """Prints the resolved config (on process 0) and writes WORKDIR/config.json atomically."""
   if not enabled:
     return
-  resolved = config.to_dict()
+  text = json.dumps(config.to_dict(), indent=1, sort_keys=True)
   if show:
-    print(f'config ({workdir}/config.json):\n{config}', flush=True)
+    print(f'config ({workdir}/config.json):\n{text}', flush=True)
   path = epath.Path(workdir) / 'config.json'
   tmp = path.with_name(path.name + '.tmp')
-  tmp.write_text(json.dumps(resolved, indent=1, sort_keys=True))
+  tmp.write_text(text)
   tmp.replace(path)
