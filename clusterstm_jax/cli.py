@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import importlib.util
 import re
 import sys
 from typing import Callable
@@ -20,6 +21,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from clusterstm_jax import config_lib
 from clusterstm_jax.errors import EXIT_PREEMPTED, Preempted, UserError
 
 FLAGS = flags.FLAGS
@@ -37,9 +39,40 @@ def config_path() -> str:
   return config_flags.get_config_filename(FLAGS['config'])
 
 
+GCS_MODULES = ('gcsfs', 'google.cloud.storage')
+
+
+def gcs_missing() -> list[str]:
+  """The modules gs:// paths need (the [gcs] extra) that are not installed."""
+  def found(name):
+    try:
+      return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # a missing parent package (google.cloud)
+      return False
+  return [m for m in GCS_MODULES if not found(m)]
+
+
+def resolve_argv(argv: list[str]) -> list[str]:
+  """--config=configs/x.py[:arg] found from any directory (config_lib.resolve_config_spec);
+  a gs:// argument without the [gcs] extra is one `error:` line naming it."""
+  out = []
+  for i, a in enumerate(argv):
+    if a.startswith('--config=') and i:
+      a = '--config=' + config_lib.resolve_config_spec(a[len('--config='):])
+    elif i and argv[i - 1] == '--config':
+      a = config_lib.resolve_config_spec(a)
+    out.append(a)
+  if any('gs://' in a for a in argv[1:]) and gcs_missing():
+    print(f'error: gs:// paths need the [gcs] extra ({", ".join(gcs_missing())} missing): '
+          "pip install 'clusterstm_jax[gcs]' (or -r requirements-gcs.txt)", file=sys.stderr)
+    sys.exit(2)
+  return out
+
+
 def parse_flags_or_exit(argv):
   """absl flags parser: a bad override (an unknown config field, a malformed value, an unknown
   `:arg` knob) becomes one line on stderr, not a traceback from ml_collections."""
+  argv = resolve_argv(list(argv))
   try:
     return FLAGS(argv)
   except Exception as e:  # pylint: disable=broad-except -- all of these are bad user input

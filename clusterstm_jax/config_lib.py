@@ -207,11 +207,30 @@ def with_overrides(config: ml_collections.ConfigDict, **overrides: Any) -> ml_co
   return config
 
 
+def resolve_config_spec(spec: str) -> str:
+  """`configs/x.py[:arg]`: the path as given when it exists from here, else the same file of
+  the installed `configs` package (pip install .), so configs are found from any directory."""
+  import importlib.util
+  import os
+  path, sep, arg = spec.partition(':')
+  if os.path.exists(path) or not path.endswith('.py'):
+    return spec
+  package = importlib.util.find_spec('configs')
+  if package is None or not package.submodule_search_locations:
+    return spec
+  parts = os.path.normpath(path).split(os.sep)
+  rel = os.path.join(*parts[parts.index('configs') + 1:]) if 'configs' in parts else parts[-1]
+  for root in package.submodule_search_locations:
+    if os.path.isfile(os.path.join(root, rel)):
+      return os.path.join(root, rel) + sep + arg
+  return spec
+
+
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
   """Loads `path/to/config.py[:arg]` the way --config does (used for nested runs: the teacher)."""
   import importlib.util
   import os
-  path, _, arg = spec.partition(':')
+  path, _, arg = resolve_config_spec(spec).partition(':')
   if not os.path.exists(path):
     raise ConfigError(f'config file not found: {path}')
   module_spec = importlib.util.spec_from_file_location(

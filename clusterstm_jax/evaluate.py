@@ -28,5 +28,10 @@ def main() -> None:
   loading.evaluate_checkpoint(FLAGS.config)
 
 
+def console() -> None:
+  """The `clusterstm-evaluate` console script (pyproject.toml)."""
+  cli.run(main)
+
+
 if __name__ == '__main__':
   cli.run(main)

@@ -1,9 +1,13 @@
 r"""Exports a training run: params + config + tokenizer (exports.py has the format).
 
   python -m clusterstm_jax.export --workdir=RUN [--out=DIR] [--overwrite]
+                                  [--format=orbax|safetensors|npz]
 
 An existing DIR is refused unless it is an export (then --overwrite replaces it); nothing else in
-it is ever deleted.
+it is ever deleted. --format=safetensors / npz writes one weight file with the vision tower under
+Hugging Face SigLIP / big_vision names and the config as metadata (portable.py,
+docs/pretrained_weights.md#portable-exports); the default orbax export is what training
+(config.init) and evaluation read fastest. clusterstm_jax.load() and evaluate read all three.
 """
 from __future__ import annotations
 
@@ -16,10 +20,25 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Training run directory.', required=True)
 flags.DEFINE_string('out', None, 'Export directory (default: WORKDIR/export).')
 flags.DEFINE_bool('overwrite', False, 'Replace an existing export at --out.')
+flags.DEFINE_enum('format', 'orbax', ('orbax', 'safetensors', 'npz'),
+                  'orbax (default), or one portable weight file: safetensors or npz.')
+
+
+def export_portable() -> str:
+  """--format=safetensors|npz (loading.export_portable)."""
+  return loading.export_portable(FLAGS.workdir, FLAGS.out, FLAGS.format)
 
 
 def main() -> None:
+  if FLAGS.format != 'orbax':
+    print(f'exported to {export_portable()}')
+    return
   print(f'exported to {loading.export_run(FLAGS.workdir, FLAGS.out, overwrite=FLAGS.overwrite)}')
+
+
+def console() -> None:
+  """The `clusterstm-export` console script (pyproject.toml)."""
+  cli.run(main)
 
 
 if __name__ == '__main__':

@@ -13,6 +13,7 @@ import ml_collections
 from clusterstm_jax import checkpointing
 from clusterstm_jax import evaluators
 from clusterstm_jax import exports
+from clusterstm_jax import portable
 from clusterstm_jax import sharding as sharding_lib
 from clusterstm_jax import tasks as tasks_lib
 from clusterstm_jax import trainer as trainer_lib
@@ -49,7 +50,11 @@ def load_model(checkpoint: str, data_dir: str = ''):
     raise UserError('config.checkpoint is required: an export dir or a training checkpoint')
   if not os.path.exists(checkpoint):
     raise UserError(f'checkpoint not found: {checkpoint}')
-  is_export = os.path.exists(os.path.join(checkpoint, 'config.json'))
+  if portable.find(checkpoint):
+    return load_portable(checkpoint, data_dir)
+  # A training workdir also holds a config.json (its resolved config): an export has params/.
+  is_export = (os.path.exists(os.path.join(checkpoint, 'config.json'))
+               and os.path.exists(os.path.join(checkpoint, 'params')))
   if is_export:
     config = exports.read_config(checkpoint)
   else:
@@ -71,6 +76,34 @@ def load_model(checkpoint: str, data_dir: str = ''):
                                           sharding_lib.logical_rules(config.sharding_rules))
   abstract = checkpointing.abstract_with_shardings(nn.unbox(boxed), shardings)
   return config, exports.read_params(checkpoint, abstract), tokenizer, mesh
+
+
+def load_portable(export_dir: str, data_dir: str = ''):
+  """A safetensors / npz export (portable.py) -> (run config, params, tokenizer, mesh)."""
+  path = portable.find(export_dir)
+  config = ml_collections.ConfigDict(portable.read_config(path))
+  if data_dir:
+    config.data.data_dir = data_dir
+  mesh = sharding_lib.make_mesh(config.mesh)
+  tokenizer = Tokenizer(exports.tokenizer_path(export_dir))
+  task = tasks_lib.get(config, tasks_lib.TextSpec.from_tokenizer(tokenizer))
+  boxed = tasks_lib.base.abstract_params(task.model, task.init_inputs)
+  shardings = sharding_lib.tree_shardings(boxed, mesh,
+                                          sharding_lib.logical_rules(config.sharding_rules))
+  params = portable.read_params(path, config, nn.unbox(boxed))
+  return config, jax.device_put(params, shardings), tokenizer, mesh
+
+
+def export_portable(workdir: str, out_dir: str | None, fmt: str) -> str:
+  """`export --format=safetensors|npz`: the latest checkpoint of a run as one weight file
+  (portable.py; default WORKDIR/export_<fmt>)."""
+  ckpt_dir, step = checkpointing.resolve_checkpoint_path(os.path.join(workdir, 'checkpoints'))
+  config = ml_collections.ConfigDict(checkpointing.restore_config(ckpt_dir, step))
+  mesh = sharding_lib.make_mesh(config.mesh)
+  tokenizer = pipeline.get_tokenizer(config.data)
+  params = restore_params(config, ckpt_dir, step, mesh, tokenizer.vocab_size)
+  return portable.write(out_dir or os.path.join(workdir, f'export_{fmt}'), params, config,
+                        pipeline.tokenizer_path(config.data), fmt)
 
 
 def export_run(workdir: str, out_dir: str | None = None, *, overwrite: bool = False) -> str:

@@ -15,7 +15,6 @@ import time
 
 import jax
 import ml_collections
-import tqdm
 from absl import logging
 from etils import epath  # workdirs may be gs:// (multi-host runs share one)
 
@@ -25,6 +24,7 @@ from clusterstm_jax import evaluators
 from clusterstm_jax import exports
 from clusterstm_jax import loading
 from clusterstm_jax import resilience
+from clusterstm_jax import progress as progress_lib
 from clusterstm_jax import sharding as sharding_lib
 from clusterstm_jax import tasks as tasks_lib
 from clusterstm_jax import teacher as teacher_lib
@@ -120,6 +120,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 def _train_and_evaluate(config, workdir: str) -> dict:
   # --- setup ---
   is_main = jax.process_index() == 0
+  progress_lib.save_config(config, workdir, enabled=is_main)
   logging.info('workdir %s, %d processes, %d devices', workdir, jax.process_count(),
                jax.device_count())
 
@@ -209,8 +210,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   # --- loop ---
   writer = MetricWriter(workdir, start_step=step)  # rows of replayed steps are replaced
   base_key = jax.random.key(config.seed + 1)
-  bar = tqdm.tqdm(total=total_steps, initial=step, disable=not is_main, dynamic_ncols=True,
-                  desc='train', file=sys.stdout)
+  bar = progress_lib.Progress(total_steps, step, enabled=is_main)
   t_last, examples = time.perf_counter(), 0
   last_metrics = None
   # The latest metrics of each kind since the last log, as (step, metrics on device). Image
@@ -251,12 +251,16 @@ def _train_and_evaluate(config, workdir: str) -> dict:
         writer.write(s, {(prefix + k if k != 'examples_per_sec' else k): v
                          for k, v in m.items()})
         if not prefix:
-          bar.set_postfix(loss=f"{m['loss']:.3f}", refresh=False)
+          bar.log(s, float(m['loss']), float(rows[-1][2]['examples_per_sec']))
           last_metrics = m
     if save_now or stopped:
       checkpointing.save(manager, step, state, config, train_iter, image_iter=image_iter)
     if stopped:
       break
+    if periodic_eval_due(config, step, total_steps):
+      t_eval = time.perf_counter()
+      periodic_eval(config, trainer, state['params'], tokenizer, mesh, writer, step, bar)
+      t_last += time.perf_counter() - t_eval  # examples/s counts training time only
   bar.close()
   manager.wait_until_finished()
   manager.close()
@@ -324,6 +328,22 @@ class NonFiniteError(UserError):
   """A train step produced a non-finite value (see _FiniteGuard)."""
 
 
+def periodic_eval_due(config, step: int, total_steps: int) -> bool:
+  """Every config.eval_every_steps steps (0: never), except the last (the final evaluation)."""
+  every = config.get('eval_every_steps', 0)
+  return every > 0 and step % every == 0 and step < total_steps
+
+
+def periodic_eval(config, trainer, params, tokenizer, mesh, writer, step: int, bar) -> dict:
+  """The end-of-run evaluators (run_evals) at `step`: metrics under eval/ in metrics.jsonl and
+  TensorBoard, the table printed above the progress bar."""
+  results = run_evals(config, trainer, params, tokenizer, mesh)
+  writer.write(step, {f'eval/{k}': v for k, v in results.items()
+                      if isinstance(v, (int, float))})
+  bar.write(f'\nEvaluation at step {step}:\n' + format_results(results))
+  return results
+
+
 def _load_vision_tower(config, trainer, params):
   path = os.path.expanduser(config.model.init)
   if not os.path.exists(path):
@@ -357,3 +377,9 @@ def print_results(results: dict, is_main: bool = True) -> None:
     return
   print('\nZero-shot text-video retrieval on the test split:')
   print(metrics_lib.format_table(table))
+
+
+def format_results(results: dict) -> str:
+  """The table of run_evals' results (zero-shot retrieval, or config.evals')."""
+  table = {k[len('zeroshot_'):]: v for k, v in results.items() if k.startswith('zeroshot_')}
+  return metrics_lib.format_table(table) if table else evaluators.format_results(results)

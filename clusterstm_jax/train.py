@@ -44,5 +44,10 @@ def main() -> None:
   loop.run(FLAGS.config, workdir)
 
 
+def console() -> None:
+  """The `clusterstm-train` console script (pyproject.toml)."""
+  cli.run(main)
+
+
 if __name__ == '__main__':
   cli.run(main)

@@ -31,6 +31,9 @@ def training_config(config: ml_collections.ConfigDict) -> None:
   config.sharding_rules = 'data'  # one of RULE_SETS
 
   config.log_every_steps = 20
+  # The run's end-of-run evaluators every N steps too (metrics.jsonl / TensorBoard under eval/,
+  # table printed); 0 = only at the end.
+  config.eval_every_steps = 0
   config.checkpoint_every_steps = 200
   config.keep_checkpoints = 2  # the newest N checkpoints (>= 1)
   # Also keep every checkpoint whose step is a multiple of this (sparse history); 0: off.

@@ -225,6 +225,7 @@ install_repo() {
   steps+=" && $REMOTE_VENV/bin/pip install -q --upgrade pip"
   steps+=" && $REMOTE_VENV/bin/pip install -q -r $REMOTE_REPO/requirements.txt"
   steps+=" \"jax[tpu]==$jax_version\" -f $(shquote "$LIBTPU_FIND_LINKS")"
+  steps+=" -r $REMOTE_REPO/requirements-gcs.txt"  # gs:// workdirs: the [gcs] extra
   tpu_ssh all "$steps"
 }
 

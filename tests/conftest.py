@@ -44,10 +44,10 @@ import pytest  # noqa: E402
 # Longest first (seconds in a `-n 2` run of the suite: downstream 171, the smoke group 137,
 # paper_config 105, multiprocess 84, sharding 68, step 35, ...), so two workers finish together.
 # Files by module basename (test file names are unique across tests/, unit/ and integration/).
-_SLOW_FIRST = ('test_downstream', 'test_reliability', 'test_train', 'test_images',
-               'test_paper_config', 'test_multiprocess', 'test_sharding', 'test_step',
-               'test_models_siglip', 'test_tools', 'test_decoding', 'test_pretrained_hf',
-               'test_masking', 'test_models_vit', 'test_models_text')
+_SLOW_FIRST = ('test_downstream', 'test_reliability', 'test_train', 'test_images', 'test_folder',
+               'test_api', 'test_progress', 'test_paper_config', 'test_multiprocess',
+               'test_sharding', 'test_step', 'test_models_siglip', 'test_tools', 'test_decoding',
+               'test_pretrained_hf', 'test_masking', 'test_models_vit', 'test_models_text')
 # Files sharing `shared_smoke` (one tiny dataset + one smoke teacher): one xdist group.
 _SMOKE_GROUP = ('test_train', 'test_images')
 # tests/<kind>/... -> the marker its modules carry (`pytestmark = pytest.mark.<kind>`).

@@ -109,6 +109,11 @@ def tokenizer_path(data_config) -> str:
     if not os.path.isfile(path):
       raise UserError(f"tokenizer model not found: {path} (config.data.tokenizer)")
     return path
+  if data_config.name == "folder":  # trained on the folder's own captions at build time
+    # lazy: TFDS builders load only when used
+    from clusterstm_jax.data.builders import folder
+
+    return folder.tokenizer_path(_builder(data_config))
   if data_config.name != "shapes":
     raise UserError(f"dataset {data_config.name!r} needs config.data.tokenizer "
                     "(a sentencepiece .model path)")
@@ -135,6 +140,17 @@ def _crop_square(images: np.ndarray, rng: np.random.Generator | None):
   rows = slice(off, off + side) if h > w else slice(0, h)
   cols = slice(off, off + side) if w > h else slice(0, w)
   return images[:, rows, cols], rows, cols
+
+
+def eval_frames(frames: np.ndarray, num_frames: int, image_size: int) -> np.ndarray:
+  """Decoded frames uint8 [N, H, W, 3] -> the model's input [num_frames, size, size, 3], as the
+  eval loader makes it: the middle frame of each segment, a centred square, resized."""
+  frames = np.asarray(frames)
+  if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+    raise UserError(f"video frames must be uint8 [T, H, W, 3], got {frames.dtype} "
+                    f"{list(frames.shape)}")
+  video = frames[video_io.sample_frame_indices(len(frames), num_frames)]
+  return video_io.resize(_crop_square(video, None)[0], image_size)
 
 
 def decode_example(ex: dict[str, Any], *, tokenizer: Tokenizer, num_frames: int, image_size: int,

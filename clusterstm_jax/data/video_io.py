@@ -131,3 +131,20 @@ def read_video_frames(path: str | os.PathLike, num_frames: int, *, size: int | N
         frame = frame.reformat(width=size, height=size)
       out.append(frame.to_ndarray(format="rgb24"))
   return np.stack(out)
+
+
+def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int = 8) -> None:
+  """uint8 [T, H, W, 3] -> an H.264 mp4 (PyAV; H and W even, as yuv420p needs)."""
+  import av  # imported here: only writing videos needs it
+
+  frames = np.asarray(frames)
+  if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+    raise ValueError(f"write_mp4 needs uint8 [T, H, W, 3], got {frames.dtype} {frames.shape}")
+  with av.open(os.fspath(path), "w") as container:
+    stream = container.add_stream("libx264", rate=fps)
+    stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+    for frame in frames:
+      for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+        container.mux(packet)
+    for packet in stream.encode():
+      container.mux(packet)

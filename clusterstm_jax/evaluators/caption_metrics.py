@@ -14,10 +14,7 @@ from __future__ import annotations
 import re
 from typing import Hashable, Mapping, Sequence
 
-# Scorer modules only; the package has no __init__ that would pull in the Java-based parts.
-from pycocoevalcap.bleu.bleu import Bleu
-from pycocoevalcap.cider.cider import Cider
-from pycocoevalcap.rouge.rouge import Rouge
+from clusterstm_jax.errors import UserError
 
 _APOSTROPHES = re.compile(r"['\u2019`]")
 _PUNCT = re.compile(r"[^\w\s]|_")
@@ -31,6 +28,19 @@ def tokenize(text: str) -> str:
   """
   text = _APOSTROPHES.sub("", text.lower())
   return " ".join(_PUNCT.sub(" ", text).split())
+
+
+def _scorers():
+  """pycocoevalcap's scorer modules only (its package has no __init__ that would pull in the
+  Java-based parts); imported on use: pycocoevalcap is the [caption] extra."""
+  try:
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+  except ImportError as e:
+    raise UserError("captioning metrics need the [caption] extra (pycocoevalcap): pip install "
+                    "'clusterstm_jax[caption]'") from e
+  return Bleu, Rouge, Cider
 
 
 def _check(predictions: Mapping[Hashable, str],
@@ -72,6 +82,7 @@ def caption_scores(predictions: Mapping[Hashable, str],
   # Keys are renumbered so that arbitrary hashable ids reach pycocoevalcap's dicts unchanged.
   res = {n: [tokenize(predictions[i])] for n, i in enumerate(ids)}
   gts = {n: [tokenize(r) for r in references[i]] for n, i in enumerate(ids)}
+  Bleu, Rouge, Cider = _scorers()  # pylint: disable=invalid-name
   bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
   rouge, _ = Rouge().compute_score(gts, res)
   cider, _ = Cider().compute_score(gts, res)

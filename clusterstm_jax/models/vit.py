@@ -291,6 +291,7 @@ def _from_hf(src: cio.Source, out: cio.Converted, grid, model) -> None:
   for other in (f"{p}head.", "visual_projection.", "text_model.", "text_projection.",
                 "logit_scale", "logit_bias"):
     src.ignore(other, _HEAD_REASON)
+  src.ignore("clusterstm/", "the rest of a clusterstm_jax export (portable.py)")
 
 
 def load(path: str | os.PathLike, params_template, *, model: VideoViT | None = None,

@@ -174,7 +174,8 @@ def test_a_crashing_decoder_costs_only_its_file(tmp_path):
 
 
 def test_registry_and_get_builder(tmp_path):
-  assert set(real.REAL_DATASETS) == {"msrvtt", "msvd", "didemo", "activitynet", "webvid", "cc3m"}
+  assert set(real.REAL_DATASETS) == {"msrvtt", "msvd", "didemo", "activitynet", "webvid", "cc3m",
+                                    "folder"}
   for name, cls in real.REAL_DATASETS.items():
     assert cls.name == name and tfds.builder_cls(name) is cls
     assert cls.MANUAL_DOWNLOAD_INSTRUCTIONS.strip()

@@ -178,9 +178,10 @@ def test_install_dry_run_copies_repo_and_pins(env):
   words = remote_words(ssh)
   assert "$HOME/clusterstm_jax.tgz" in words and "venv" in words
   pip = words.index("-r")
-  assert words[pip + 1:pip + 5] == ["$HOME/clusterstm_jax/requirements.txt",
+  assert words[pip + 1:pip + 7] == ["$HOME/clusterstm_jax/requirements.txt",
                                     f"jax[tpu]=={jax_pin}", "-f",
-                                    "https://example.com/libtpu.html"]
+                                    "https://example.com/libtpu.html", "-r",
+                                    "$HOME/clusterstm_jax/requirements-gcs.txt"]
   assert not Path(tarball).exists() and calls(env) == []
 
 

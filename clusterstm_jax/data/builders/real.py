@@ -13,7 +13,7 @@ import dataclasses
 import os
 import re
 
-from clusterstm_jax.data.builders import activitynet, cc3m, common, didemo, msrvtt, msvd, webvid
+from clusterstm_jax.data.builders import activitynet, cc3m, common, didemo, folder, msrvtt, msvd, webvid
 from clusterstm_jax.errors import UserError
 
 REAL_DATASETS: dict[str, type[common.RealBuilder]] = {
@@ -23,6 +23,7 @@ REAL_DATASETS: dict[str, type[common.RealBuilder]] = {
     "activitynet": activitynet.Activitynet,
     "webvid": webvid.Webvid,
     "cc3m": cc3m.Cc3m,
+    "folder": folder.Folder,
 }
 
 # Config fields that change the stored records (a custom value gets its own config name).

@@ -1,0 +1,63 @@
+"""Evaluators by type: each is `run(ev, ctx) -> (metrics, details)`, given an evaluator config
+`ev` and a `common.Context` (params, the task's prediction functions, tokenizer, mesh). They never
+see a model, a trainer or an entry point.
+
+  retrieval  text-video retrieval (contrastive, re-ranked by the matching head when ev.k > 0)
+  qa         open-ended VideoQA from a fixed answer list: top-1 accuracy
+  caption    greedy or beam decoding: BLEU-4, ROUGE-L, CIDEr
+"""
+from __future__ import annotations
+
+from clusterstm_jax.errors import UserError
+from clusterstm_jax.evaluators import captioning
+from clusterstm_jax.evaluators import common
+from clusterstm_jax.evaluators import metrics as metrics_lib
+from clusterstm_jax.evaluators import qa
+from clusterstm_jax.evaluators import retrieval
+
+EVALUATORS = {'retrieval': retrieval.run, 'qa': qa.run, 'caption': captioning.run}
+Context = common.Context
+
+
+def get(kind: str):
+  if kind not in EVALUATORS:
+    raise UserError(f'unknown evaluator type {kind!r}; known: {sorted(EVALUATORS)}')
+  return EVALUATORS[kind]
+
+
+def run_evals(evals, ctx: common.Context) -> dict[str, float]:
+  """Every evaluator of `evals` ({name: {type, ...}}) -> {'name/metric': value}."""
+  results = {}
+  for name, ev in evals.items():
+    metrics, _ = get(ev.type)(ev, ctx)
+    results.update({f'{name}/{k}': float(v) for k, v in metrics.items()})
+  return results
+
+
+def format_results(results: dict) -> str:
+  """Tables of {'name/metric': value} results, one block per evaluator name."""
+  groups = {}
+  for key, value in results.items():
+    if '/' in key:
+      name, metric = key.split('/', 1)
+      groups.setdefault(name, {})[metric] = value
+  lines = []
+  for name, m in groups.items():
+    if 'itc_t2v_R@1' in m:
+      lines.append(f'{name}: text-video retrieval over {m.get("num_videos", 0):.0f} videos, '
+                   'contrastive top-k re-ranked by the matching head:')
+      lines.append(metrics_lib.format_table({k: v for k, v in m.items() if k[:4] in
+                                             ('t2v_', 'v2t_')}))
+      lines.append('contrastive scores only:')
+      lines.append(metrics_lib.format_table({k[4:]: v for k, v in m.items()
+                                             if k.startswith('itc_')}))
+    elif 't2v_R@1' in m:
+      lines.append(f'{name}: text-video retrieval, contrastive scores:')
+      lines.append(metrics_lib.format_table(m))
+    elif 'acc' in m:
+      kinds = ', '.join(f'{k[4:]} {v:.1f}' for k, v in m.items() if k.startswith('acc_'))
+      lines.append(f'{name}: VideoQA top-1 accuracy {m["acc"]:.1f}% over '
+                   f'{m["num_questions"]:.0f} questions ({kinds})')
+    else:
+      lines.append(f'{name}: ' + '  '.join(f'{k} {v:.1f}' for k, v in m.items()))
+  return '\n'.join(lines)

@@ -1,0 +1,140 @@
+"""A trained model from disk: params restored from a training checkpoint or an export, with the
+run config, tokenizer and mesh that go with them; and what the export and evaluate commands do
+with one (`export_run`, `evaluate_checkpoint`)."""
+from __future__ import annotations
+
+import json
+import os
+
+import flax.linen as nn
+import jax
+import ml_collections
+
+from clusterstm_jax import checkpointing
+from clusterstm_jax import evaluators
+from clusterstm_jax import exports
+from clusterstm_jax import portable
+from clusterstm_jax import sharding as sharding_lib
+from clusterstm_jax import tasks as tasks_lib
+from clusterstm_jax import trainer as trainer_lib
+from clusterstm_jax.data import pipeline
+from clusterstm_jax.data.tokenizer import Tokenizer
+from clusterstm_jax.errors import UserError
+
+
+def restore_params(config, ckpt_dir: str, step: int, mesh, vocab_size: int):
+  """Params only, from a training checkpoint (export, evaluation)."""
+  task = tasks_lib.get(config, tasks_lib.TextSpec(vocab_size))
+  tx, _ = trainer_lib.make_optimizer(config, 1, 0)
+  rules = sharding_lib.logical_rules(config.sharding_rules)
+  _, shardings, abstract_state = trainer_lib.state_layout(task, tx, mesh, rules)
+  manager = checkpointing.make_manager(ckpt_dir, read_only=True, async_save=False,
+                                       with_data=False)
+  abstract = checkpointing.abstract_with_shardings(abstract_state, shardings)
+  return checkpointing.restore(manager, step, abstract)['params']
+
+
+def load_model(checkpoint: str, data_dir: str = ''):
+  """An export or a training checkpoint -> (run config, params, tokenizer, mesh).
+
+  data_dir, if given, replaces the run's config.data.data_dir (data moved to another machine).
+  """
+  if not checkpoint:
+    raise UserError('config.checkpoint is required: an export dir or a training checkpoint')
+  if not os.path.exists(checkpoint):
+    raise UserError(f'checkpoint not found: {checkpoint}')
+  if portable.find(checkpoint):
+    return load_portable(checkpoint, data_dir)
+  # A training workdir also holds a config.json (its resolved config): an export has params/.
+  is_export = (os.path.exists(os.path.join(checkpoint, 'config.json'))
+               and os.path.exists(os.path.join(checkpoint, 'params')))
+  if is_export:
+    config = exports.read_config(checkpoint)
+  else:
+    run_ckpts = os.path.join(checkpoint, 'checkpoints')
+    ckpt_dir, step = checkpointing.resolve_checkpoint_path(
+        run_ckpts if os.path.isdir(run_ckpts) else checkpoint)
+    config = ml_collections.ConfigDict(checkpointing.restore_config(ckpt_dir, step))
+  if data_dir:
+    config.data.data_dir = data_dir
+  mesh = sharding_lib.make_mesh(config.mesh)
+  if not is_export:
+    tokenizer = pipeline.get_tokenizer(config.data)
+    return (config, restore_params(config, ckpt_dir, step, mesh, tokenizer.vocab_size),
+            tokenizer, mesh)
+  tokenizer = Tokenizer(exports.tokenizer_path(checkpoint))
+  task = tasks_lib.get(config, tasks_lib.TextSpec.from_tokenizer(tokenizer))
+  boxed = tasks_lib.base.abstract_params(task.model, task.init_inputs)
+  shardings = sharding_lib.tree_shardings(boxed, mesh,
+                                          sharding_lib.logical_rules(config.sharding_rules))
+  abstract = checkpointing.abstract_with_shardings(nn.unbox(boxed), shardings)
+  return config, exports.read_params(checkpoint, abstract), tokenizer, mesh
+
+
+def load_portable(export_dir: str, data_dir: str = ''):
+  """A safetensors / npz export (portable.py) -> (run config, params, tokenizer, mesh)."""
+  path = portable.find(export_dir)
+  config = ml_collections.ConfigDict(portable.read_config(path))
+  if data_dir:
+    config.data.data_dir = data_dir
+  mesh = sharding_lib.make_mesh(config.mesh)
+  tokenizer = Tokenizer(exports.tokenizer_path(export_dir))
+  task = tasks_lib.get(config, tasks_lib.TextSpec.from_tokenizer(tokenizer))
+  boxed = tasks_lib.base.abstract_params(task.model, task.init_inputs)
+  shardings = sharding_lib.tree_shardings(boxed, mesh,
+                                          sharding_lib.logical_rules(config.sharding_rules))
+  params = portable.read_params(path, config, nn.unbox(boxed))
+  return config, jax.device_put(params, shardings), tokenizer, mesh
+
+
+def export_portable(workdir: str, out_dir: str | None, fmt: str) -> str:
+  """`export --format=safetensors|npz`: the latest checkpoint of a run as one weight file
+  (portable.py; default WORKDIR/export_<fmt>)."""
+  ckpt_dir, step = checkpointing.resolve_checkpoint_path(os.path.join(workdir, 'checkpoints'))
+  config = ml_collections.ConfigDict(checkpointing.restore_config(ckpt_dir, step))
+  mesh = sharding_lib.make_mesh(config.mesh)
+  tokenizer = pipeline.get_tokenizer(config.data)
+  params = restore_params(config, ckpt_dir, step, mesh, tokenizer.vocab_size)
+  return portable.write(out_dir or os.path.join(workdir, f'export_{fmt}'), params, config,
+                        pipeline.tokenizer_path(config.data), fmt)
+
+
+def export_run(workdir: str, out_dir: str | None = None) -> str:
+  """Exports the latest checkpoint of a training run (default: WORKDIR/export)."""
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  ckpt_dir, step = checkpointing.resolve_checkpoint_path(ckpt_dir)
+  config = ml_collections.ConfigDict(checkpointing.restore_config(ckpt_dir, step))
+  mesh = sharding_lib.make_mesh(config.mesh)
+  tokenizer = pipeline.get_tokenizer(config.data)
+  params = restore_params(config, ckpt_dir, step, mesh, tokenizer.vocab_size)
+  return exports.write_export(out_dir or os.path.join(workdir, 'export'), params, config,
+                              pipeline.tokenizer_path(config.data))
+
+
+def evaluate_checkpoint(eval_config) -> dict:
+  """evaluate's work: evaluates eval_config.checkpoint (configs/eval_*.py), prints the table,
+  writes the JSON (eval_config.output, default CHECKPOINT/eval_<type>.json) and returns it."""
+  config, params, tokenizer, mesh = load_model(eval_config.checkpoint, eval_config.data_dir)
+  task = tasks_lib.get(config, tasks_lib.TextSpec.from_tokenizer(tokenizer))
+  ctx = evaluators.Context(config=config, params=params, predict_fns=task.predict_fns,
+                           decode=task.decode, tokenizer=tokenizer, mesh=mesh)
+  ev = eval_config.eval
+  metrics, details = evaluators.get(ev.type)(ev, ctx)
+  print(evaluators.format_results({f'{ev.type}/{k}': v for k, v in metrics.items()}))
+  out = {'checkpoint': os.path.abspath(eval_config.checkpoint), 'task': config.task,
+         'split': ev.split or config.data.eval_split, 'eval': ev.to_dict(),
+         'metrics': {k: float(v) for k, v in metrics.items()}}
+  if 'predictions' in details:
+    preds, refs = details['predictions'], details['references']
+    out['samples'] = [{'id': i, 'prediction': preds[i], 'references': refs[i]}
+                      for i in sorted(preds)[:eval_config.get('num_samples', 0)]]
+    for s in out['samples']:
+      print(f'  {s["id"]}: {s["prediction"]!r}  (reference: {s["references"][0]!r})')
+  path = eval_config.output or os.path.join(eval_config.checkpoint, f'eval_{ev.type}.json')
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + '.tmp', 'w') as f:
+      json.dump(out, f, indent=1)
+    os.replace(path + '.tmp', path)
+    print(f'wrote {path}')
+  return out

@@ -1,0 +1,318 @@
+"""One training run: data -> (frozen teacher) -> born-sharded state -> restore -> loop (log,
+checkpoint) -> final evaluation. Running it again in the same workdir resumes from the latest
+checkpoint, or reports that the run is complete.
+
+`run` is what `python -m clusterstm_jax.train` does: checks the config, trains the default
+teacher first when the config needs one that does not exist yet (a run of its own, exported and
+reused), then `train_and_evaluate`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import jax
+import ml_collections
+from absl import logging
+from etils import epath  # workdirs may be gs:// (multi-host runs share one)
+
+from clusterstm_jax import checkpointing
+from clusterstm_jax import config_lib
+from clusterstm_jax import evaluators
+from clusterstm_jax import exports
+from clusterstm_jax import loading
+from clusterstm_jax import progress as progress_lib
+from clusterstm_jax import sharding as sharding_lib
+from clusterstm_jax import tasks as tasks_lib
+from clusterstm_jax import teacher as teacher_lib
+from clusterstm_jax import trainer as trainer_lib
+from clusterstm_jax.data import pipeline
+from clusterstm_jax.errors import UserError
+from clusterstm_jax.evaluators import metrics as metrics_lib
+from clusterstm_jax.metric_writer import MetricWriter
+from clusterstm_jax.models import clusterstm as clusterstm_lib
+
+
+def run(config, workdir: str) -> dict:
+  """Checks, trains a missing default teacher (its own run), then train_and_evaluate."""
+  check(config)
+  prepare_teacher(config)
+  return train_and_evaluate(config, workdir)
+
+
+def check(config) -> None:
+  """What can be checked in seconds, before minutes of data building or teacher training."""
+  if config.resume:
+    checkpointing.resolve_checkpoint_path(config.resume)
+  mesh = sharding_lib.make_mesh(config.mesh)
+  config_lib.validate(config, sharding_lib.batch_size_per_shard(mesh), jax.process_count())
+  tasks_lib.name(config)
+
+
+def prepare_teacher(config, *, always: bool = False) -> None:
+  """Trains and exports the teacher of config.teacher.workdir when the config needs one (or
+  `always`: tools that look at teacher features) that does not exist yet, with
+  config.teacher.config on the student's data; then it is reused."""
+  needed = always or tasks_lib.needs_teacher(config)
+  if not needed or config.teacher.get('init') or config.teacher.export:
+    return  # external weights or a given export: loaded (and checked) by teacher.load_teacher
+  if teacher_lib.has_export(config):
+    return
+  tc = config.teacher
+  teacher_config = config_lib.load_config_file(tc.config)
+  with teacher_config.unlocked():
+    teacher_config.data = config.data.copy_and_resolve_references()
+  logging.info('no teacher at %s: training one with %s', tc.workdir, tc.config)
+  print(f'Training the teacher first ({tc.config} -> {tc.workdir}); it is reused afterwards.')
+  train_and_evaluate(teacher_config, tc.workdir)
+  loading.export_run(tc.workdir, teacher_lib.export_dir(config))
+
+
+def step_kind(config, step: int, total_steps: int) -> str:
+  """What step `step` (0-based) trains on: 'video', 'image' or 'unmasked' (video, every token).
+
+  Decided by the step number alone, so a resumed run switches at the same steps. With
+  images.every = k, steps k-1, 2k-1, ... are image steps (UMT alternates whole batches), except
+  during unmasked tuning: those last steps exist to adapt the video features to all-token
+  evaluation, a masked image step would pull back toward the masked regime, and an unmasked
+  image step would compile a third step for a few steps; so they are all unmasked video steps
+  and the image stream pauses (its position is kept).
+  """
+  if step >= total_steps - config.get('unmasked_steps', 0):  # FLIP-style unmasked tuning
+    return 'unmasked'
+  every = config_lib.image_every(config)
+  if every and step % every == every - 1:
+    return 'image'
+  return 'video'
+
+
+def examples_per_step(config) -> float:
+  """Mean examples per step over both streams (epochs count a pass over videos + images)."""
+  every = config_lib.image_every(config)
+  if not every:
+    return config.batch_size
+  return ((every - 1) * config.batch_size + config_lib.image_batch_size(config)) / every
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Runs (or resumes) training in `workdir`; returns the final evaluation results."""
+  # --- setup ---
+  is_main = jax.process_index() == 0
+  if is_main:
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  progress_lib.save_config(config, workdir, enabled=is_main)
+  logging.info('workdir %s, %d processes, %d devices', workdir, jax.process_count(),
+               jax.device_count())
+
+  # Paths the user gave are checked before minutes of data building or teacher training.
+  if config.resume:
+    checkpointing.resolve_checkpoint_path(config.resume)
+
+  # --- mesh ---
+  mesh = sharding_lib.make_mesh(config.mesh)
+  config_lib.validate(config, sharding_lib.batch_size_per_shard(mesh), jax.process_count())
+
+  # --- data ---
+  train_size = len(pipeline.get_source(config.data, config.data.train_split))
+  tokenizer = pipeline.get_tokenizer(config.data)
+  image_every = config_lib.image_every(config)
+  image_config = pipeline.image_data_config(config) if image_every else None
+  if image_every:  # an epoch is one pass over the videos and the images (UMT's 5M pairs)
+    train_size += len(pipeline.get_source(image_config, image_config.train_split))
+  per_step = examples_per_step(config)
+  total_steps = config_lib.steps('total', config, data_size=train_size, batch_size=per_step)
+  if not 0 <= config.get('unmasked_steps', 0) < total_steps:
+    raise config_lib.ConfigError(f'unmasked_steps={config.unmasked_steps} must be in '
+                                 f'[0, total_steps={total_steps})')
+  warmup_steps = config_lib.steps('warmup', config, data_size=train_size, batch_size=per_step,
+                                  default=0)
+  # --- teacher (frozen; its params never enter the train state) ---
+  teacher = None
+  if tasks_lib.needs_teacher(config):
+    teacher = teacher_lib.load_teacher(config, mesh)
+
+  # --- model and optimizer, born sharded ---
+  trainer = trainer_lib.build_trainer(
+      config, text=tasks_lib.TextSpec.from_tokenizer(tokenizer), mesh=mesh,
+      total_steps=total_steps, warmup_steps=warmup_steps, teacher=teacher)
+
+  train_loader = pipeline.make_train_loader(
+      config.data, tokenizer, global_batch_size=config.batch_size, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      decode=trainer.task.decode)  # QA batches add questions and answers
+  train_iter = iter(train_loader)
+  image_iter = None
+  if image_every:
+    # Another shuffle seed than the videos': on shapes, the stand-in reads the same clips, and
+    # the same seed would show each clip's frame right after (or before) the clip itself.
+    image_iter = iter(pipeline.make_train_loader(
+        image_config, tokenizer, global_batch_size=config_lib.image_batch_size(config),
+        seed=(config.seed + 1) % 2**32, process_index=jax.process_index(),
+        process_count=jax.process_count()))
+
+  # --- restore: own workdir -> config.resume -> config.init -> scratch ---
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  manager = checkpointing.make_manager(
+      ckpt_dir, max_to_keep=config.keep_checkpoints, async_save=config.async_checkpointing,
+      with_image_data=image_iter is not None)
+  abstract = checkpointing.abstract_with_shardings(trainer.abstract_state,
+                                                   trainer.state_shardings)
+  state = None
+  if manager.latest_step() is not None:
+    step0 = manager.latest_step()
+    logging.info('resuming from %s step %d', ckpt_dir, step0)
+    state = checkpointing.restore(manager, step0, abstract, train_iter, image_iter=image_iter)
+  elif config.resume:
+    rdir, rstep = checkpointing.resolve_checkpoint_path(config.resume)
+    logging.info('resuming from %s step %d', rdir, rstep)
+    state = checkpointing.restore(checkpointing.make_manager(
+        rdir, read_only=True, async_save=False, with_image_data=image_iter is not None),
+                                  rstep, abstract, train_iter, image_iter=image_iter)
+  else:
+    state = trainer.init_state(jax.random.key(config.seed))
+    if config.init:  # a whole exported model (ours): fine-tuning, continued pretraining
+      state['params'] = exports.load_params_into(config.init, state['params'])
+    elif config.model.get('init'):  # an external image tower (CLIP/SigLIP/ViT) for the student
+      state['params'] = _load_vision_tower(config, trainer, state['params'])
+  step = int(state['step'])
+
+  results_path = epath.Path(workdir) / 'results.json'
+  if step >= total_steps:
+    print(f'run already complete: {workdir} is at step {step} of {total_steps}.')
+    if results_path.exists():
+      results = json.loads(results_path.read_text())
+      print_results(results, is_main)
+      manager.close()
+      return results
+
+  # --- loop ---
+  writer = MetricWriter(workdir)
+  base_key = jax.random.key(config.seed + 1)
+  bar = progress_lib.Progress(total_steps, step, enabled=is_main)
+  t_last, step_last, examples = time.perf_counter(), step, 0
+  last_metrics = None
+  # The latest metrics of each kind since the last log, as (step, metrics on device). Image
+  # steps are logged under 'image/' in rows of their own step, so the two losses never mix.
+  pending = {}
+  stop_at = total_steps if config.halt_at_step < 0 else min(config.halt_at_step, total_steps)
+  sharding_lib.sync_processes('train:loop')  # all processes start stepping together
+  while step < stop_at:
+    kind = step_kind(config, step, total_steps)
+    if kind == 'image':
+      batch = sharding_lib.global_batch(next(image_iter), mesh)
+      state, metrics = trainer.train_step_image(state, batch, base_key)
+    else:
+      batch = sharding_lib.global_batch(next(train_iter), mesh)
+      step_fn = trainer.train_step_unmasked if kind == 'unmasked' else trainer.train_step
+      state, metrics = step_fn(state, batch, base_key)
+    examples += config_lib.image_batch_size(config) if kind == 'image' else config.batch_size
+    step += 1
+    bar.update(1)
+    pending['image' if kind == 'image' else 'video'] = (step, metrics)
+    if step % config.log_every_steps == 0 or step == total_steps:
+      rows = sorted((s, 'image/' if k == 'image' else '', jax.device_get(m))
+                    for k, (s, m) in pending.items())
+      pending = {}
+      bad = sorted(p + k for _, p, m in rows for k, v in m.items()
+                   if not math.isfinite(float(v)))
+      if bad:
+        manager.wait_until_finished()
+        raise FloatingPointError(
+            f'non-finite {bad} between steps {step_last} and {step}; the last good '
+            f'checkpoint is step {manager.latest_step()} in {ckpt_dir}')
+      now = time.perf_counter()
+      rows[-1][2]['examples_per_sec'] = examples / (now - t_last)  # both streams, unprefixed
+      t_last, step_last, examples = now, step, 0
+      for s, prefix, m in rows:
+        writer.write(s, {(prefix + k if k != 'examples_per_sec' else k): v
+                         for k, v in m.items()})
+        if not prefix:
+          bar.log(s, float(m['loss']), float(rows[-1][2]['examples_per_sec']))
+          last_metrics = m
+    if step % config.checkpoint_every_steps == 0 or step == stop_at:
+      checkpointing.save(manager, step, state, config, train_iter, image_iter=image_iter)
+    if periodic_eval_due(config, step, total_steps):
+      t_eval = time.perf_counter()
+      periodic_eval(config, trainer, state['params'], tokenizer, mesh, writer, step, bar)
+      t_last += time.perf_counter() - t_eval  # examples/s counts training time only
+  bar.close()
+  manager.wait_until_finished()
+  manager.close()
+  if step < total_steps:
+    print(f'halted at step {step} of {total_steps} (halt_at_step); run again to resume.')
+    writer.close()
+    return {'step': step, 'halted': True}
+
+  # --- final evaluation ---
+  results = run_evals(config, trainer, state['params'], tokenizer, mesh)
+  results['step'] = step
+  if last_metrics is not None:
+    results['final_train_loss'] = float(last_metrics['loss'])
+  writer.write(step, {f'eval/{k}': v for k, v in results.items()
+                      if isinstance(v, (int, float))})
+  writer.close()
+  if is_main:  # the only writer; other processes hold the same (replicated) results
+    tmp = results_path.with_name(results_path.name + '.tmp')
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(results_path)
+  print_results(results, is_main)
+  return results
+
+
+def periodic_eval_due(config, step: int, total_steps: int) -> bool:
+  """Every config.eval_every_steps steps (0: never), except the last (the final evaluation)."""
+  every = config.get('eval_every_steps', 0)
+  return every > 0 and step % every == 0 and step < total_steps
+
+
+def periodic_eval(config, trainer, params, tokenizer, mesh, writer, step: int, bar) -> dict:
+  """The end-of-run evaluators (run_evals) at `step`: metrics under eval/ in metrics.jsonl and
+  TensorBoard, the table printed above the progress bar."""
+  results = run_evals(config, trainer, params, tokenizer, mesh)
+  writer.write(step, {f'eval/{k}': v for k, v in results.items()
+                      if isinstance(v, (int, float))})
+  bar.write(f'\nEvaluation at step {step}:\n' + format_results(results))
+  return results
+
+
+def _load_vision_tower(config, trainer, params):
+  path = os.path.expanduser(config.model.init)
+  if not os.path.exists(path):
+    raise UserError(f'checkpoint path does not exist: {path} (config.model.init)')
+  try:
+    loaded = clusterstm_lib.load_pretrained(path, jax.device_get(params), trainer.task.model)
+  except ValueError as e:
+    raise UserError(f'{path}: {e}') from e
+  return jax.device_put(loaded, trainer.state_shardings['params'])
+
+
+def run_evals(config, trainer, params, tokenizer, mesh) -> dict:
+  """The end-of-run evaluation: config.evals (fine-tuning runs), else zero-shot retrieval on
+  the eval split, contrastive scores only (the same evaluator as `evaluate`, with k = 0)."""
+  ctx = evaluators.Context(config=config, params=params, predict_fns=trainer.task.predict_fns,
+                           decode=trainer.task.decode, tokenizer=tokenizer, mesh=mesh)
+  if config.get('evals'):
+    return evaluators.run_evals(config.evals, ctx)
+  zero_shot = ml_collections.ConfigDict(dict(
+      type='retrieval', split=config.data.eval_split, batch_size=config.eval_batch_size, k=0))
+  metrics, _ = evaluators.get('retrieval')(zero_shot, ctx)
+  return {f'zeroshot_{k}': float(v) for k, v in metrics.items()}
+
+
+def print_results(results: dict, is_main: bool = True) -> None:
+  if not is_main:
+    return
+  table = {k[len('zeroshot_'):]: v for k, v in results.items() if k.startswith('zeroshot_')}
+  if not table:  # fine-tuning runs
+    print('\n' + evaluators.format_results(results))
+    return
+  print('\nZero-shot text-video retrieval on the test split:')
+  print(metrics_lib.format_table(table))
+
+
+def format_results(results: dict) -> str:
+  """The table of run_evals' results (zero-shot retrieval, or config.evals')."""
+  table = {k[len('zeroshot_'):]: v for k, v in results.items() if k.startswith('zeroshot_')}
+  return metrics_lib.format_table(table) if table else evaluators.format_results(results)

@@ -1,0 +1,141 @@
+"""ClusterSTM pretraining: teacher -> cluster mask -> student on the visible tokens -> VTC, VTM,
+MLM and MRM; its unmasked variant (FLIP's unmasked tuning); and the retrieval prediction
+functions every task with a matching head shares.
+
+Retrieval fine-tuning ('retrieval_ft') is this task with a config that keeps every token and
+has no teacher (tasks/__init__.py), so what is fine-tuned is what was pretrained.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from clusterstm_jax import losses
+from clusterstm_jax.masking import stats as mask_stats
+from clusterstm_jax.masking import strategies as masking
+from clusterstm_jax.models import clusterstm as clusterstm_lib
+from clusterstm_jax.tasks import base
+
+
+def make_model(config, vocab_size: int) -> clusterstm_lib.ClusterSTM:
+  return clusterstm_lib.ClusterSTM(config=config.model, vocab_size=vocab_size,
+                                   num_frames=config.data.num_frames,
+                                   image_size=config.data.image_size,
+                                   max_text_len=config.data.max_text_len)
+
+
+def needs_teacher(config) -> bool:
+  """The student needs teacher features for cluster masking and for the MRM target."""
+  return (config.mask.strategy in masking.CLUSTER_STRATEGIES
+          or config.loss_weights.get('mrm', 0.0) > 0)
+
+
+def retrieval_predict_fns(model) -> dict:
+  """The retrieval evaluator's functions for any model with the student's towers and VTM head.
+
+    embed_video(params, video uint8) -> normalised per-frame features [B,T,E]
+    embed_text(params, ids) -> normalised [B,E]
+    encode(params, video uint8, ids) -> (video_feat, video tokens, text_feat, text hidden)
+    match(params, hidden, ids, tokens) -> matching-head log-odds [N] of N (text, video) pairs
+  """
+  def embed_video(params, video):
+    return model.apply({'params': params}, base.normalize_video(video), None,
+                       method=model.encode_video)[0]
+
+  def embed_text(params, ids):
+    return model.apply({'params': params}, ids, method=model.encode_text)[0]
+
+  def encode(params, video, ids):
+    apply = functools.partial(model.apply, {'params': params})
+    video_feat, tokens = apply(base.normalize_video(video), None, method=model.encode_video)
+    text_feat, hidden = apply(ids, method=model.encode_text)
+    return video_feat, tokens, text_feat, hidden
+
+  def match(params, hidden, ids, tokens):
+    apply = functools.partial(model.apply, {'params': params})
+    logits = apply(apply(hidden, ids, tokens, method=model.fuse), method=model.vtm_logits)
+    return logits[:, 1] - logits[:, 0]  # log-odds of a match (class 1)
+
+  return dict(embed_video=embed_video, embed_text=embed_text, encode=encode, match=match)
+
+
+def build(config, text: base.TextSpec, teacher=None, *, name: str = 'clusterstm',
+          takes_images: bool = True) -> base.Task:
+  model = make_model(config, text.vocab_size)
+  t, h, w = base.grid(config)  # t: the init inputs' frames; the loss takes T from each batch
+  n = h * w
+  patch = base.patch_size(config)
+  weights = config.loss_weights
+  use = {k: float(weights.get(k, 0.0)) > 0 for k in ('vtc', 'vtm', 'mlm', 'mrm')}
+  if use['mrm'] and not config.model.decoder.out_dim:
+    raise ValueError('loss_weights.mrm > 0 needs model.decoder.out_dim (the teacher width)')
+
+  def loss_fn(params, batch, rng, teacher_params, *, unmasked=False):
+    mask_rng, dropout_rng, vtm_rng, mlm_rng = jax.random.split(rng, 4)
+    video = base.normalize_video(batch['video'])
+    ids = batch['text']
+    # T from the batch (static under jit): config.data.num_frames for videos, 1 for the image
+    # stream's batches, which then get the T = 1 position tables, masking and decoder grid.
+    b, t = video.shape[:2]
+    apply = functools.partial(model.apply, {'params': params}, rngs={'dropout': dropout_rng})
+    use_mrm = use['mrm'] and not unmasked
+
+    # Teacher: all tokens of every frame (no gradient), used by the masking and the MRM target.
+    features = mask = None
+    if teacher is not None and not unmasked:
+      features = jax.lax.stop_gradient(teacher.frame_tokens(teacher_params, video))
+    if not unmasked:
+      mask = masking.mask_from_config(config.mask, mask_rng, (b, t, n), features)
+
+    # Student on the visible tokens only (every token during unmasked tuning).
+    keep_idx = None if unmasked else mask.keep_idx
+    video_feat, tokens = apply(video, keep_idx, train=True, method=model.encode_video)
+    text_feat, hidden = apply(ids, train=True, method=model.encode_text)
+    temperature = apply(method=model.temperature)
+    sim = losses.video_text_similarity(video_feat, text_feat)
+    terms = {'vtc': losses.vtc_loss(sim, temperature)}
+
+    if use['vtm']:
+      # Pairs [positive; negative video for each text; negative text for each video].
+      neg_text, neg_video = losses.sample_hard_negatives(sim / temperature, vtm_rng)
+      hid3 = jnp.concatenate([hidden, hidden, hidden[neg_text]])
+      ids3 = jnp.concatenate([ids, ids, ids[neg_text]])
+      tok3 = jnp.concatenate([tokens, tokens[neg_video], tokens])
+      fused = apply(hid3, ids3, tok3, train=True, method=model.fuse)
+      logits = apply(fused, method=model.vtm_logits)
+      terms['vtm'] = losses.vtm_loss(logits)
+    if use['mlm']:
+      masked_ids, targets, mlm_w = losses.mlm_mask(
+          ids, mlm_rng, mask_id=text.mask_id, vocab_size=text.vocab_size,
+          special_ids=(text.pad_id, text.cls_id, text.eos_id))
+      _, masked_hidden = apply(masked_ids, train=True, method=model.encode_text)
+      fused = apply(masked_hidden, masked_ids, tokens, train=True, method=model.fuse)
+      terms['mlm'] = losses.mlm_loss(apply(fused, method=model.mlm_logits), targets, mlm_w)
+    if use_mrm:
+      k = config.mrm.window
+      pooled = teacher.relevance_tokens(teacher_params, features, (h, w), k)
+      text_emb = jax.lax.stop_gradient(teacher.text_embedding(teacher_params, ids))
+      in_batch = config.mrm.in_batch
+      target = losses.relevance_target(pooled, text_emb, in_batch=in_batch)
+      decoded = apply(tokens, mask.keep_idx, (t, h, w), train=True, method=model.decode)
+      student = losses.student_relevance(decoded, text_emb, in_batch=in_batch)
+      terms['mrm'] = losses.mrm_loss(student, target, mask.keep_mask)
+
+    loss = sum(weights.get(k, 0.0) * v for k, v in terms.items() if use[k] or k == 'vtc')
+    metrics = dict(terms, temperature=temperature)
+    if mask is not None:
+      token_obj = mask_stats.token_objects(batch['labels'], patch)
+      metrics.update({f'mask/{k}': v for k, v in
+                      mask_stats.mask_stats(mask.keep_mask, token_obj).items()})
+    return loss, metrics
+
+  predict = retrieval_predict_fns(model)
+  s, l = config.data.image_size, config.data.max_text_len
+  inputs = (jnp.zeros((2, t, s, s, 3), jnp.float32), jnp.zeros((2, l), jnp.int32))
+  return base.Task(name=name, model=model, init_inputs=inputs, loss_fn=loss_fn,
+                   encode_video=predict['embed_video'], encode_text=predict['embed_text'],
+                   unmasked_loss_fn=functools.partial(loss_fn, unmasked=True),
+                   dummy_batch=functools.partial(base.video_batch, config),
+                   predict_fns=predict, takes_images=takes_images)

@@ -1,0 +1,144 @@
+r"""ClusterSTM pretraining.
+
+Default (no arg): the embedded "shapes" dataset on this CPU; prints a zero-shot retrieval table.
+  python -m clusterstm_jax.train --config=configs/pretrain.py
+Knobs (comma-separated after ':'):
+  paper       the paper-scale recipe: ViT-B/16 student, SigLIP B/16 teacher, 4 frames at 224 px,
+              r = 0.85, WebVid-2M, AdamW lr 1e-4 wd 0.02, cosine over 10 epochs (1 warm-up),
+              global batch 2048, FSDP. Needs the data and the SigLIP weights
+              (docs/datasets.md, docs/pretrained_weights.md).
+  smoke       a few steps of a tiny model on the tiny shapes split (tests and CI).
+  mask=NAME   masking strategy: clusterstm, clusterstm_random_pick, random, tube.
+  images      mixed image and video batches on shapes: every 2nd step trains on single frames
+              of the train clips with their captions (T = 1), a stand-in for CC3M. `:paper`
+              always alternates CC3M images with WebVid (--config.images.every=0 turns it off).
+"""
+import ml_collections
+
+from configs import common
+from clusterstm_jax import config_lib
+from clusterstm_jax.data.pipeline import default_data_config
+from clusterstm_jax.data.pipeline import default_image_config
+from clusterstm_jax.masking.strategies import default_mask_config
+
+
+def get_config(arg=None):
+  arg = config_lib.parse_arg(arg, paper=False, smoke=False, mask='clusterstm', steps=-1, ratio=0.85,
+                             images=False)
+  config = ml_collections.ConfigDict()
+  config.task = 'clusterstm'
+  common.training_config(config)
+
+  config.data = default_data_config()
+  config.data.num_frames = 4
+  config.data.image_size = 64
+  # Image batches (T = 1) alternating with the video batches; off unless `images` or `paper`.
+  config.images = default_image_config()
+
+  config.model = ml_collections.ConfigDict()
+  # The student's video tower is the big part of the model, as at the paper's scale (ViT-B/16
+  # against a text tower it shares with VTM/MLM): Nano (width 128, depth 3) against the Mu
+  # teacher and text tower (width 64, depth 2). Masking only saves compute where the video
+  # tower dominates; with a Mu video tower the text side, the teacher and MRM outweigh it and
+  # the unmasked student costs only 1.4x a ClusterSTM step (docs/results.md).
+  config.model.vision_variant = 'Nano/8'
+  config.model.text_variant = 'Mu'
+  config.model.text_depth = None
+  config.model.text_fusion_layers = 1
+  config.model.embed_dim = 64
+  config.model.temp_init = 0.07
+  config.model.dropout = 0.0
+  # An external image tower for the student (CLIP/SigLIP/ViT; docs/pretrained_weights.md).
+  config.model.init = ''
+  # MAE-style decoder rebuilding every token in the teacher's width (out_dim) for MRM; narrow
+  # and shallow against the encoder, as MAE's and UMT's (it runs over the full grid).
+  config.model.decoder = ml_collections.ConfigDict(dict(
+      width=32, depth=1, num_heads=2, mlp_dim=64, out_dim=64))
+
+  config.mask = default_mask_config()
+  config.mask.strategy = arg.mask
+  config.mask.ratio = arg.ratio
+
+  # The frozen teacher whose tokens drive the cluster masking (and the MRM target). With no
+  # export given, it is trained once with `config` into `workdir` and reused after.
+  config.teacher = ml_collections.ConfigDict()
+  config.teacher.export = ''
+  config.teacher.workdir = 'workdirs/teacher'
+  config.teacher.config = 'configs/teacher.py'
+  # External weights (big_vision .npz or Hugging Face safetensors) and the architecture they
+  # need; used instead of export/workdir when `init` is set (see models/siglip.py load()).
+  config.teacher.init = ''
+  config.teacher.model = ml_collections.ConfigDict(dict(
+      vision_variant='B/16', text_variant='B', vocab_size=32000, text_len=64, out_dim=None))
+
+  # Masked relevance modelling: teacher MAP head over k x k windows x teacher text feature.
+  config.mrm = ml_collections.ConfigDict(dict(window=3, in_batch=False))
+  config.loss_weights = ml_collections.ConfigDict(dict(vtc=1.0, vtm=1.0, mlm=1.0, mrm=1.0))
+
+  config.batch_size = 64
+  config.eval_batch_size = 128
+  config.total_steps = 180
+  config.warmup_steps = 20
+  # FLIP's unmasked tuning: the last steps see every token (VTC/VTM/MLM; no MRM, no teacher).
+  # A student trained only on the ~15% of tokens ClusterSTM keeps (mostly on objects) pools a
+  # very different mean over all tokens; a few unmasked steps close that train/test gap for
+  # full-token evaluation (docs/method.md, "Zero-shot evaluation"). 0 = off (the paper recipe).
+  config.unmasked_steps = 20
+  config.optax.lr = 1e-3
+  config.optax.wd = 0.02
+  config.log_every_steps = 20
+  config.checkpoint_every_steps = 100
+
+  if arg.paper:
+    config.data.name = 'webvid'
+    config.data.builder_config = ''
+    config.data.image_size = 224
+    config.data.num_frames = 4
+    config.data.max_text_len = 64   # SigLIP's text length: teacher and student share the ids
+    config.data.tokenizer = ''      # set to SigLIP's sentencepiece .model
+    config.data.eval_split = 'val'
+    # UMT's 5M pairs: WebVid-2M videos and CC3M images in alternating whole batches of the same
+    # size (UMT interleaves its loaders in proportion to their lengths, which are similar here).
+    config.images.update(every=2, name='cc3m', builder_config='', split='train', batch_size=-1)
+    config.teacher.init = ''        # set to the SigLIP B/16 checkpoint
+    config.model.vision_variant = 'B/16'
+    config.model.text_variant = 'B'
+    config.model.text_fusion_layers = 3   # BERT layers 9-11 cross-attend (UMT)
+    config.model.embed_dim = 512
+    config.model.dropout = 0.0
+    config.model.decoder.update(width=384, depth=4, num_heads=6, mlp_dim=1536, out_dim=768)
+    config.batch_size = 2048
+    config.eval_batch_size = 256
+    config.total_steps = -1
+    config.total_epochs = 10.0
+    config.warmup_steps = -1
+    config.warmup_epochs = 1.0
+    config.optax.lr = 1e-4
+    config.optax.wd = 0.02
+    config.unmasked_steps = 0
+    config.mesh = (('data', 1), ('fsdp', -1), ('tensor', 1))
+    config.sharding_rules = 'fsdp'
+    config.log_every_steps = 50
+    config.checkpoint_every_steps = 1000
+  if arg.smoke:
+    config.data.builder_config = 'tiny'
+    config.teacher.workdir = 'workdirs/teacher_smoke'
+    config.teacher.config = 'configs/teacher.py:smoke'
+    config.model.vision_variant = 'Pico/8'
+    config.model.text_variant = 'Pico'
+    config.model.text_depth = 2
+    config.model.embed_dim = 32
+    config.model.decoder.update(width=32, depth=1, num_heads=2, mlp_dim=64, out_dim=32)
+    config.batch_size = 16
+    config.eval_batch_size = 16
+    config.total_steps = 6
+    config.warmup_steps = 2
+    config.unmasked_steps = 0
+    config.log_every_steps = 1
+    config.checkpoint_every_steps = 3
+  if arg.images and not arg.paper:
+    # shapes' stand-in: single frames of the same train clips (another shuffle), same batch size.
+    config.images.update(every=2, name='shapes', builder_config='', split='train')
+  if arg.steps > 0:
+    config.total_steps = arg.steps
+  return config

@@ -1,0 +1,53 @@
+r"""The tiny SigLIP teacher for shapes: two towers, sigmoid loss, frames paired with captions.
+
+  python -m clusterstm_jax.train --config=configs/teacher.py --workdir=workdirs/teacher
+  python -m clusterstm_jax.export --workdir=workdirs/teacher
+
+The default pretraining config runs this itself when its teacher is missing (and reuses it
+after), so this command is only needed to train a teacher by hand. At most ~3 minutes here.
+"""
+import ml_collections
+
+from configs import common
+from clusterstm_jax import config_lib
+from clusterstm_jax.data.pipeline import default_data_config
+
+
+def get_config(arg=None):
+  arg = config_lib.parse_arg(arg, smoke=False, steps=-1)
+  config = ml_collections.ConfigDict()
+  config.task = 'siglip'
+  common.training_config(config)
+  config.data = default_data_config()
+  # Two frames of each clip as images: the teacher is per-frame, so this halves its training
+  # cost; the student still sees 4 frames and the teacher embeds each of them.
+  config.data.num_frames = 2
+  config.data.image_size = 64
+
+  config.model = ml_collections.ConfigDict()
+  config.model.vision_variant = 'Mu/8'
+  config.model.text_variant = 'Mu'
+  config.model.embed_dim = None  # SigLIP layout: no image head, text head to the image width
+
+  config.batch_size = 64
+  config.eval_batch_size = 128
+  config.total_steps = 100
+  config.warmup_steps = 10
+  config.optax.lr = 1e-3
+  config.optax.wd = 1e-4
+  config.log_every_steps = 25
+  config.checkpoint_every_steps = 100
+
+  if arg.smoke:
+    config.data.builder_config = 'tiny'
+    config.model.vision_variant = 'Pico/8'
+    config.model.text_variant = 'Pico'
+    config.batch_size = 16
+    config.eval_batch_size = 16
+    config.total_steps = 4
+    config.warmup_steps = 1
+    config.log_every_steps = 1
+    config.checkpoint_every_steps = 4
+  if arg.steps > 0:
+    config.total_steps = arg.steps
+  return config
