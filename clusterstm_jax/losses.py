@@ -38,12 +38,25 @@ def video_text_similarity(video_feat, text_feat):
   return jnp.einsum('vte,se->vs', video_feat, text_feat) / video_feat.shape[1]
 
 
-def vtc_loss(sim_v2t, temperature):
-  """Symmetric InfoNCE on a [B, B] video-text similarity matrix with pairs on the diagonal."""
-  logits = sim_v2t / temperature
-  labels = jnp.arange(logits.shape[0])
-  lv = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=1), labels[:, None], 1)
-  lt = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=0), labels[None, :], 0)
+def same_index(index):
+  """bool [B, B]: True where two batch entries come from the same video (UMT's `idx`)."""
+  index = jnp.asarray(index).reshape(-1)
+  return index[:, None] == index[None, :]
+
+
+def vtc_loss(sim_v2t, temperature, index=None):
+  """Symmetric InfoNCE on a [B, B] video-text similarity matrix (UMT's VTC).
+
+  Positives: pairs of the same video, P[i, j] = (index[i] == index[j]) (the diagonal when
+  `index` is None). As UMT's sim_targets, each row's target spreads evenly over its positives:
+    loss_v2t = -mean_i sum_j P[i,j] / sum_j' P[i,j'] * log softmax_j(sim[i, :] / tau)[j]
+    loss_t2v = the same on the columns;   loss = (loss_v2t + loss_t2v) / 2
+  """
+  logits = sim_v2t.astype(jnp.float32) / temperature
+  pos = (jnp.eye(logits.shape[0], dtype=bool) if index is None
+         else same_index(index)).astype(jnp.float32)
+  lv = -jnp.sum(jax.nn.log_softmax(logits, axis=1) * pos / pos.sum(1, keepdims=True), axis=1)
+  lt = -jnp.sum(jax.nn.log_softmax(logits, axis=0) * pos / pos.sum(0, keepdims=True), axis=0)
   return 0.5 * (jnp.mean(lv) + jnp.mean(lt))
 
 
@@ -134,6 +147,32 @@ def mrm_loss(student_rel, target_rel, keep_mask):
   total = jnp.sum(jnp.where(masked, sq, 0.0))
   count = jnp.sum(masked.astype(jnp.float32))
   return total / jnp.maximum(count, 1.0)
+
+
+def standardize_per_clip(rel, eps: float = 1e-6):
+  """Relevance standardised within each clip (and caption): zero mean, unit variance over its
+  T x N places. rel [B,T,N] or [B,T,N,Bt] -> same shape, float32:
+    z[b,t,n(,c)] = (r - mean_{t,n} r[b,:,:(,c)]) / sqrt(var_{t,n} r[b,:,:(,c)] + eps)
+  A clip whose relevance is constant maps to 0 everywhere (no NaN)."""
+  r = rel.astype(jnp.float32)
+  mean = jnp.mean(r, axis=(1, 2), keepdims=True)
+  var = jnp.mean(jnp.square(r - mean), axis=(1, 2), keepdims=True)
+  return (r - mean) * jax.lax.rsqrt(var + eps)
+
+
+def mrm_baseline(target_rel, keep_mask):
+  """The MRM loss of the best per-clip-constant predictor (one value per clip and caption,
+  chosen knowing the target): the variance of the target over each clip's masked places,
+  pooled as mrm_loss pools its squared errors. A loss that does not beat it carries no
+  spatial signal. target_rel [B,T,N] or [B,T,N,Bt], keep_mask bool [B,T,N]."""
+  masked = jnp.logical_not(keep_mask.astype(bool))
+  if target_rel.ndim == 4:
+    masked = jnp.broadcast_to(masked[..., None], target_rel.shape)
+  r = target_rel.astype(jnp.float32)
+  count = jnp.sum(masked.astype(jnp.float32), axis=(1, 2), keepdims=True)
+  mean = jnp.sum(jnp.where(masked, r, 0.0), axis=(1, 2), keepdims=True) / jnp.maximum(count, 1)
+  total = jnp.sum(jnp.where(masked, jnp.square(r - mean), 0.0))
+  return total / jnp.maximum(jnp.sum(masked.astype(jnp.float32)), 1.0)
 
 
 # ----------------------------------------------------------------------------- VTM

@@ -28,6 +28,11 @@ def get_config(arg=None):
   config.model.vision_variant = 'Mu/8'
   config.model.text_variant = 'Mu'
   config.model.embed_dim = None  # SigLIP layout: no image head, text head to the image width
+  # SigLIP's init (t = 10, b = -10) suits its 32k batches: at batch 64 every negative's sigmoid
+  # starts at ~5e-5, only positives pull, and the towers drift together instead of apart. A bias
+  # at the log prior odds of a match, -log(batch - 1), makes positives and negatives pull alike.
+  config.model.temperature_init = 10.0
+  config.model.bias_init = -4.0
 
   config.batch_size = 64
   config.eval_batch_size = 128
