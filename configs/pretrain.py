@@ -79,6 +79,8 @@ def get_config(arg=None):
   # constant scores ~1 (logged as mrm_baseline).
   config.mrm = ml_collections.ConfigDict(dict(window=3, in_batch=False, standardize=True))
   config.loss_weights = ml_collections.ConfigDict(dict(vtc=1.0, vtm=1.0, mlm=1.0, mrm=1.0))
+  # VTM's negatives: 'hard' (UMT: drawn from the softmax of the VTC similarities) or 'random'.
+  config.vtm = ml_collections.ConfigDict(dict(negatives='hard'))
 
   config.batch_size = 64
   config.eval_batch_size = 128

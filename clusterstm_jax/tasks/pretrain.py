@@ -75,6 +75,8 @@ def build(config, text: base.TextSpec, teacher=None, *, name: str = 'clusterstm'
   patch = base.patch_size(config)
   weights = config.loss_weights
   use = {k: float(weights.get(k, 0.0)) > 0 for k in ('vtc', 'vtm', 'mlm', 'mrm')}
+  if use['vtm'] and config.vtm.negatives not in ('hard', 'random'):
+    raise ValueError(f"vtm.negatives must be 'hard' or 'random', got {config.vtm.negatives!r}")
   if use['mrm'] and not config.model.decoder.out_dim:
     raise ValueError('loss_weights.mrm > 0 needs model.decoder.out_dim (the teacher width)')
 
@@ -109,8 +111,10 @@ def build(config, text: base.TextSpec, teacher=None, *, name: str = 'clusterstm'
       # Pairs [positive; negative video for each text; negative text for each video].
       # Never a negative: the same video (UMT) or the very same caption of another clip.
       same_text = jnp.all(ids[:, None, :] == ids[None, :, :], axis=-1)
+      # 'hard' (UMT): drawn from softmax(sim / temperature); 'random': uniformly.
+      scores = sim / temperature if config.vtm.negatives == 'hard' else jnp.zeros_like(sim)
       neg_text, neg_video = losses.sample_hard_negatives(
-          sim / temperature, vtm_rng, positive_mask=losses.same_index(index) | same_text)
+          scores, vtm_rng, positive_mask=losses.same_index(index) | same_text)
       hid3 = jnp.concatenate([hidden, hidden, hidden[neg_text]])
       ids3 = jnp.concatenate([ids, ids, ids[neg_text]])
       tok3 = jnp.concatenate([tokens, tokens[neg_video], tokens])
