@@ -120,12 +120,17 @@ def relevance_target(window_pooled, text_emb, *, in_batch: bool = False):
   return jax.lax.stop_gradient(_relevance(window_pooled, text_emb, in_batch))
 
 
-def student_relevance(decoded, text_emb, *, in_batch: bool = False):
+def student_relevance(decoded, text_emb, *, in_batch: bool = False, unit_tokens: bool = True):
   """The same formula as `relevance_target` on the student's decoded tokens, already projected
   to the teacher's width by the caller's model: decoded [B,T,N,Dt] -> [B,T,N] or [B,T,N,Bt].
   Gradients flow into `decoded` (and into `text_emb`; pass the teacher's, stopped, to match
-  the target's text side)."""
-  return _relevance(decoded, text_emb, in_batch)
+  the target's text side). unit_tokens=False: the decoded tokens are not L2-normalised, so the
+  relevance <decoded, e / |e|> has any scale (to regress a standardised target)."""
+  if unit_tokens:
+    return _relevance(decoded, text_emb, in_batch)
+  e = l2_normalize(text_emb.astype(jnp.float32))
+  spec = "btnd,sd->btns" if in_batch else "btnd,bd->btn"
+  return jnp.einsum(spec, decoded.astype(jnp.float32), e)
 
 
 def mrm_loss(student_rel, target_rel, keep_mask):
@@ -158,6 +163,12 @@ def standardize_per_clip(rel, eps: float = 1e-6):
   mean = jnp.mean(r, axis=(1, 2), keepdims=True)
   var = jnp.mean(jnp.square(r - mean), axis=(1, 2), keepdims=True)
   return (r - mean) * jax.lax.rsqrt(var + eps)
+
+
+def center_per_clip(rel):
+  """rel minus its mean over each clip's (and caption's) T x N places, float32."""
+  r = rel.astype(jnp.float32)
+  return r - jnp.mean(r, axis=(1, 2), keepdims=True)
 
 
 def mrm_baseline(target_rel, keep_mask):

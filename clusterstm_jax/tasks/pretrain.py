@@ -135,11 +135,13 @@ def build(config, text: base.TextSpec, teacher=None, *, name: str = 'clusterstm'
       in_batch = config.mrm.in_batch
       target = losses.relevance_target(pooled, text_emb, in_batch=in_batch)
       decoded = apply(tokens, mask.keep_idx, (t, h, w), train=True, method=model.decode)
-      student = losses.student_relevance(decoded, text_emb, in_batch=in_batch)
+      std = config.mrm.standardize
+      student = losses.student_relevance(decoded, text_emb, in_batch=in_batch,
+                                         unit_tokens=not std)
       extra['mrm/target_std'] = jnp.mean(jnp.std(target, axis=(1, 2)))  # within a clip
-      if config.mrm.standardize:  # both sides, per clip: the loss is then 2 (1 - correlation)
+      if std:  # the target standardised per clip; the student's unbounded relevance centred
         target = losses.standardize_per_clip(target)
-        student = losses.standardize_per_clip(student)
+        student = losses.center_per_clip(student)
       terms['mrm'] = losses.mrm_loss(student, target, mask.keep_mask)
       extra['mrm_baseline'] = losses.mrm_baseline(target, mask.keep_mask)
 

@@ -414,6 +414,18 @@ def test_standardize_and_mrm_baseline_match_numpy():
     assert worse > want
   flat = np.asarray(losses.standardize_per_clip(jnp.ones((2, 2, 3))))
   assert np.all(flat == 0)  # a constant clip: zeros, no NaN
+  c = np.asarray(losses.center_per_clip(jnp.asarray(r)))
+  np.testing.assert_allclose(c, r - r.mean(axis=(1, 2), keepdims=True), atol=1e-6)
+
+
+def test_student_relevance_without_unit_tokens_keeps_their_scale():
+  rng = np.random.default_rng(11)
+  dec, e = rng.normal(size=(2, 2, 3, 4)), rng.normal(size=(2, 4))
+  got = losses.student_relevance(jnp.asarray(dec), jnp.asarray(e), unit_tokens=False)
+  np.testing.assert_allclose(got, np.einsum('btnd,bd->btn', dec, _np_unit(e)), rtol=1e-5)
+  got = losses.student_relevance(jnp.asarray(dec), jnp.asarray(e), unit_tokens=False,
+                                 in_batch=True)
+  np.testing.assert_allclose(got, np.einsum('btnd,sd->btns', dec, _np_unit(e)), rtol=1e-5)
 
 
 def test_temperature_projection_keeps_the_parameter_in_range():
