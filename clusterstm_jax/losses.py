@@ -41,12 +41,25 @@ def video_text_similarity(video_feat, text_feat):
   return jnp.einsum('vte,se->vs', video_feat, text_feat) / video_feat.shape[1]
 
 
-def vtc_loss(sim_v2t, temperature):
-  """Symmetric InfoNCE on a [B, B] video-text similarity matrix with pairs on the diagonal."""
-  logits = sim_v2t / temperature
-  labels = jnp.arange(logits.shape[0])
-  lv = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=1), labels[:, None], 1)
-  lt = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=0), labels[None, :], 0)
+def same_index(index):
+  """bool [B, B]: True where two batch entries come from the same video (UMT's `idx`)."""
+  index = jnp.asarray(index).reshape(-1)
+  return index[:, None] == index[None, :]
+
+
+def vtc_loss(sim_v2t, temperature, index=None):
+  """Symmetric InfoNCE on a [B, B] video-text similarity matrix (UMT's VTC).
+
+  Positives: pairs of the same video, P[i, j] = (index[i] == index[j]) (the diagonal when
+  `index` is None). As UMT's sim_targets, each row's target spreads evenly over its positives:
+    loss_v2t = -mean_i sum_j P[i,j] / sum_j' P[i,j'] * log softmax_j(sim[i, :] / tau)[j]
+    loss_t2v = the same on the columns;   loss = (loss_v2t + loss_t2v) / 2
+  """
+  logits = sim_v2t.astype(jnp.float32) / temperature
+  pos = (jnp.eye(logits.shape[0], dtype=bool) if index is None
+         else same_index(index)).astype(jnp.float32)
+  lv = -jnp.sum(jax.nn.log_softmax(logits, axis=1) * pos / pos.sum(1, keepdims=True), axis=1)
+  lt = -jnp.sum(jax.nn.log_softmax(logits, axis=0) * pos / pos.sum(0, keepdims=True), axis=0)
   return 0.5 * (jnp.mean(lv) + jnp.mean(lt))
 
 
@@ -110,12 +123,17 @@ def relevance_target(window_pooled, text_emb, *, in_batch: bool = False):
   return jax.lax.stop_gradient(_relevance(window_pooled, text_emb, in_batch))
 
 
-def student_relevance(decoded, text_emb, *, in_batch: bool = False):
+def student_relevance(decoded, text_emb, *, in_batch: bool = False, unit_tokens: bool = True):
   """The same formula as `relevance_target` on the student's decoded tokens, already projected
   to the teacher's width by the caller's model: decoded [B,T,N,Dt] -> [B,T,N] or [B,T,N,Bt].
   Gradients flow into `decoded` (and into `text_emb`; pass the teacher's, stopped, to match
-  the target's text side)."""
-  return _relevance(decoded, text_emb, in_batch)
+  the target's text side). unit_tokens=False: the decoded tokens are not L2-normalised, so the
+  relevance <decoded, e / |e|> has any scale (to regress a standardised target)."""
+  if unit_tokens:
+    return _relevance(decoded, text_emb, in_batch)
+  e = l2_normalize(text_emb.astype(jnp.float32))
+  spec = "btnd,sd->btns" if in_batch else "btnd,bd->btn"
+  return jnp.einsum(spec, decoded.astype(jnp.float32), e)
 
 
 def mrm_loss(student_rel, target_rel, keep_mask):
@@ -137,6 +155,38 @@ def mrm_loss(student_rel, target_rel, keep_mask):
   total = jnp.sum(jnp.where(masked, sq, 0.0))
   count = jnp.sum(masked.astype(jnp.float32))
   return total / jnp.maximum(count, 1.0)
+
+
+def standardize_per_clip(rel, eps: float = 1e-6):
+  """Relevance standardised within each clip (and caption): zero mean, unit variance over its
+  T x N places. rel [B,T,N] or [B,T,N,Bt] -> same shape, float32:
+    z[b,t,n(,c)] = (r - mean_{t,n} r[b,:,:(,c)]) / sqrt(var_{t,n} r[b,:,:(,c)] + eps)
+  A clip whose relevance is constant maps to 0 everywhere (no NaN)."""
+  r = rel.astype(jnp.float32)
+  mean = jnp.mean(r, axis=(1, 2), keepdims=True)
+  var = jnp.mean(jnp.square(r - mean), axis=(1, 2), keepdims=True)
+  return (r - mean) * jax.lax.rsqrt(var + eps)
+
+
+def center_per_clip(rel):
+  """rel minus its mean over each clip's (and caption's) T x N places, float32."""
+  r = rel.astype(jnp.float32)
+  return r - jnp.mean(r, axis=(1, 2), keepdims=True)
+
+
+def mrm_baseline(target_rel, keep_mask):
+  """The MRM loss of the best per-clip-constant predictor (one value per clip and caption,
+  chosen knowing the target): the variance of the target over each clip's masked places,
+  pooled as mrm_loss pools its squared errors. A loss that does not beat it carries no
+  spatial signal. target_rel [B,T,N] or [B,T,N,Bt], keep_mask bool [B,T,N]."""
+  masked = jnp.logical_not(keep_mask.astype(bool))
+  if target_rel.ndim == 4:
+    masked = jnp.broadcast_to(masked[..., None], target_rel.shape)
+  r = target_rel.astype(jnp.float32)
+  count = jnp.sum(masked.astype(jnp.float32), axis=(1, 2), keepdims=True)
+  mean = jnp.sum(jnp.where(masked, r, 0.0), axis=(1, 2), keepdims=True) / jnp.maximum(count, 1)
+  total = jnp.sum(jnp.where(masked, jnp.square(r - mean), 0.0))
+  return total / jnp.maximum(jnp.sum(masked.astype(jnp.float32)), 1.0)
 
 
 # ----------------------------------------------------------------------------- VTM

@@ -32,10 +32,17 @@ def make_optimizer(config, total_steps: int, warmup_steps: int):
       decay_steps=max(total_steps, warmup + 1), end_value=o.lr * o.min_lr_ratio)
   # No weight decay on biases, norms, the temperature and position tables of rank < 2.
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-  tx = optax.chain(
-      optax.clip_by_global_norm(o.grad_clip_norm),
-      optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.wd, mask=decay_mask))
-  return tx, schedule
+  parts = [optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.wd, mask=decay_mask)]
+  if o.get('grad_clip_norm', 0.0) > 0:
+    parts.insert(0, optax.clip_by_global_norm(o.grad_clip_norm))
+  mult = float(o.get('scalar_lr_mult', 1.0))
+  if mult != 1.0:
+    # Single-element parameters (a temperature, a logit bias) move by about lr per Adam step,
+    # whatever their gradient: at lr 1e-3 a SigLIP bias initialised at -10 barely moves in a
+    # few hundred steps. Their updates are scaled by `scalar_lr_mult`.
+    parts.append(optax.stateless(
+        lambda updates, params: jax.tree.map(lambda u: u * mult if u.size == 1 else u, updates)))
+  return optax.chain(*parts), schedule
 
 
 @dataclasses.dataclass
@@ -105,6 +112,8 @@ def build_trainer(config, *, mesh, total_steps: int, warmup_steps: int, teacher=
         state['params'], batch, rng, teacher_params)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
+    if task.project_params is not None:  # e.g. the temperature clamped into its range (UMT)
+      params = task.project_params(params)
     metrics.update(loss=loss, lr=schedule(state['step']),
                    grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params),
                    update_norm=optax.global_norm(updates))

@@ -23,7 +23,9 @@ def training_config(config: ml_collections.ConfigDict) -> None:
   config.optax.wd = 0.02
   config.optax.b1 = 0.9
   config.optax.b2 = 0.999
-  config.optax.grad_clip_norm = 1.0
+  config.optax.grad_clip_norm = 1.0  # 0 = no clipping
+  # Update scale of single-element parameters (temperature, logit bias); trainer.make_optimizer.
+  config.optax.scalar_lr_mult = 1.0
   config.optax.min_lr_ratio = 0.01  # cosine decays to lr * min_lr_ratio
 
   # A tuple (not a list) so that --config.mesh='(("data", 1), ("fsdp", -1), ("tensor", 1))' works.

@@ -49,6 +49,23 @@ def load_pretrained(path: str, student_params, model: 'ClusterSTM', *, strict: b
   return {'params': params} if wrapped else params
 
 
+TEMP_RANGE = (0.001, 0.5)  # UMT's range of the learnable VTC temperature
+
+
+def clamp_temperature(params):
+  """The student's params with `temp` projected into TEMP_RANGE, after every optimizer update.
+
+  UMT clamps the parameter in place (`self.temp.clamp_(0.001, 0.5)` under no_grad) before each
+  forward; a projection after the update is the same: the stored value never leaves the range,
+  so the forward's clip is the identity and the gradient always reaches `temp`. (A clip in the
+  forward alone lets the raw parameter drift outside, where its gradient is 0 and it sticks.)
+  """
+  wrapped = set(params) == {'params'}
+  inner = dict(params['params'] if wrapped else params)
+  inner['temp'] = jnp.clip(inner['temp'], *TEMP_RANGE)
+  return {'params': inner} if wrapped else inner
+
+
 class ClusterSTM(nn.Module):
   config: ml_collections.ConfigDict  # config.model
   vocab_size: int
@@ -81,8 +98,9 @@ class ClusterSTM(nn.Module):
                     if d.out_dim else None)
 
   def temperature(self):
-    # UMT clamps the learnable temperature to [0.001, 0.5].
-    return jnp.clip(self.temp, 0.001, 0.5)
+    # The parameter is kept in TEMP_RANGE by clamp_temperature after each update; the clip only
+    # matters for a value set from outside (an init outside the range).
+    return jnp.clip(self.temp, *TEMP_RANGE)
 
   def encode_video(self, video, keep_idx=None, *, train=False):
     """video: [B,T,H,W,3] normalised -> (frame features [B,T,E] normalised, tokens [B,T,Nc,D])."""

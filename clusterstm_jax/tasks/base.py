@@ -44,7 +44,7 @@ def video_batch(config, batch_size: int, *, image: bool = False) -> dict[str, np
   return dict(video=np.zeros((batch_size, t, s, s, 3), np.uint8),
               text=np.zeros((batch_size, l), np.int32),
               labels=np.zeros((batch_size, t, s, s), np.uint8),
-              index=np.zeros((batch_size,), np.int32))
+              index=np.arange(batch_size, dtype=np.int32))  # distinct videos
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,5 +83,8 @@ class Task:
   # Pure functions of (params, arrays) the evaluators call (big_vision's predict_fns), by name:
   # 'encode', 'match' (retrieval), 'answer' (VideoQA), 'caption' (captioning).
   predict_fns: dict[str, Callable] = dataclasses.field(default_factory=dict)
+  # params -> params after every optimizer update (a projection onto the parameters' allowed
+  # set, e.g. UMT's in-place clamp of the temperature); None: no constraint.
+  project_params: Callable | None = None
   # Whether an image stream (T = 1 batches, config.images) can train this task.
   takes_images: bool = False

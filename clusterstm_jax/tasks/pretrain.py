@@ -26,6 +26,12 @@ def make_model(config, vocab_size: int) -> clusterstm_lib.ClusterSTM:
                                    max_text_len=config.data.max_text_len)
 
 
+def mlm_special_ids(text: base.TextSpec) -> tuple[int, ...]:
+  """The ids MLM never selects. UMT (ALBEF's `mask`) excludes only pad and [CLS]: [SEP]/EOS is
+  selected like any word (and predicted)."""
+  return (text.pad_id, text.cls_id)
+
+
 def needs_teacher(config) -> bool:
   """The student needs teacher features for cluster masking and for the MRM target."""
   return (config.mask.strategy in masking.CLUSTER_STRATEGIES
@@ -69,6 +75,10 @@ def build(config, text: base.TextSpec, teacher=None, *, name: str = 'clusterstm'
   patch = base.patch_size(config)
   weights = config.loss_weights
   use = {k: float(weights.get(k, 0.0)) > 0 for k in ('vtc', 'vtm', 'mlm', 'mrm')}
+  # UMT's hard negatives unless the config says otherwise (fine-tuning configs have no `vtm`).
+  vtm_negatives = config.vtm.negatives if 'vtm' in config else 'hard'
+  if use['vtm'] and vtm_negatives not in ('hard', 'random'):
+    raise ValueError(f"vtm.negatives must be 'hard' or 'random', got {vtm_negatives!r}")
   if use['mrm'] and not config.model.decoder.out_dim:
     raise ValueError('loss_weights.mrm > 0 needs model.decoder.out_dim (the teacher width)')
 
@@ -95,11 +105,18 @@ def build(config, text: base.TextSpec, teacher=None, *, name: str = 'clusterstm'
     text_feat, hidden = apply(ids, train=True, method=model.encode_text)
     temperature = apply(method=model.temperature)
     sim = losses.video_text_similarity(video_feat, text_feat)
-    terms = {'vtc': losses.vtc_loss(sim, temperature)}
+    index = batch['index']
+    extra = {}  # metrics beside the loss terms
+    terms = {'vtc': losses.vtc_loss(sim, temperature, index)}  # positives: the same video
 
     if use['vtm']:
       # Pairs [positive; negative video for each text; negative text for each video].
-      neg_text, neg_video = losses.sample_hard_negatives(sim / temperature, vtm_rng)
+      # Never a negative: the same video (UMT) or the very same caption of another clip.
+      same_text = jnp.all(ids[:, None, :] == ids[None, :, :], axis=-1)
+      # 'hard' (UMT): drawn from softmax(sim / temperature); 'random': uniformly.
+      scores = sim / temperature if vtm_negatives == 'hard' else jnp.zeros_like(sim)
+      neg_text, neg_video = losses.sample_hard_negatives(
+          scores, vtm_rng, positive_mask=losses.same_index(index) | same_text)
       hid3 = jnp.concatenate([hidden, hidden, hidden[neg_text]])
       ids3 = jnp.concatenate([ids, ids, ids[neg_text]])
       tok3 = jnp.concatenate([tokens, tokens[neg_video], tokens])
@@ -109,7 +126,7 @@ def build(config, text: base.TextSpec, teacher=None, *, name: str = 'clusterstm'
     if use['mlm']:
       masked_ids, targets, mlm_w = losses.mlm_mask(
           ids, mlm_rng, mask_id=text.mask_id, vocab_size=text.vocab_size,
-          special_ids=(text.pad_id, text.cls_id, text.eos_id))
+          special_ids=mlm_special_ids(text))
       _, masked_hidden = apply(masked_ids, train=True, method=model.encode_text)
       fused = apply(masked_hidden, masked_ids, tokens, train=True, method=model.fuse)
       terms['mlm'] = losses.mlm_loss(apply(fused, method=model.mlm_logits), targets, mlm_w)
@@ -120,11 +137,18 @@ def build(config, text: base.TextSpec, teacher=None, *, name: str = 'clusterstm'
       in_batch = config.mrm.in_batch
       target = losses.relevance_target(pooled, text_emb, in_batch=in_batch)
       decoded = apply(tokens, mask.keep_idx, (t, h, w), train=True, method=model.decode)
-      student = losses.student_relevance(decoded, text_emb, in_batch=in_batch)
+      std = config.mrm.get('standardize', False)  # configs from before it: raw cosines
+      student = losses.student_relevance(decoded, text_emb, in_batch=in_batch,
+                                         unit_tokens=not std)
+      extra['mrm/target_std'] = jnp.mean(jnp.std(target, axis=(1, 2)))  # within a clip
+      if std:  # the target standardised per clip; the student's unbounded relevance centred
+        target = losses.standardize_per_clip(target)
+        student = losses.center_per_clip(student)
       terms['mrm'] = losses.mrm_loss(student, target, mask.keep_mask)
+      extra['mrm_baseline'] = losses.mrm_baseline(target, mask.keep_mask)
 
     loss = sum(weights.get(k, 0.0) * v for k, v in terms.items() if use[k] or k == 'vtc')
-    metrics = dict(terms, temperature=temperature)
+    metrics = dict(terms, **extra, temperature=temperature)
     if mask is not None:
       token_obj = mask_stats.token_objects(batch['labels'], patch)
       metrics.update({f'mask/{k}': v for k, v in
@@ -138,4 +162,5 @@ def build(config, text: base.TextSpec, teacher=None, *, name: str = 'clusterstm'
                    encode_video=predict['embed_video'], encode_text=predict['embed_text'],
                    unmasked_loss_fn=functools.partial(loss_fn, unmasked=True),
                    dummy_batch=functools.partial(base.video_batch, config),
-                   predict_fns=predict, takes_images=takes_images)
+                   predict_fns=predict, takes_images=takes_images,
+                   project_params=clusterstm_lib.clamp_temperature)

@@ -16,7 +16,9 @@ def make_model(config, vocab_size: int) -> siglip_lib.SigLIP:
                            text_variant=config.model.text_variant,
                            image_size=config.data.image_size, vocab_size=vocab_size,
                            text_len=config.data.max_text_len,
-                           out_dim=config.model.get('embed_dim'))
+                           out_dim=config.model.get('embed_dim'),
+                           temperature_init=config.model.get('temperature_init', 10.0),
+                           bias_init=config.model.get('bias_init', -10.0))
 
 
 def init_inputs(config):

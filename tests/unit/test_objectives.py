@@ -347,3 +347,6 @@ def test_l2_normalize_is_unit_norm_in_float32_and_keeps_zero_vectors():
   assert half.dtype == jnp.float32  # normalised in float32 whatever the input
   np.testing.assert_allclose(np.asarray(losses.l2_normalize(jnp.asarray(x), axis=0)),
                              x / np.linalg.norm(x, axis=0, keepdims=True), rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- UMT details

@@ -89,8 +89,11 @@ def test_unmasked_tuning_step_sees_every_token_and_skips_mrm(setup):
   config, trainer, teacher, batch = setup
   assert trainer.train_step_unmasked is not None
   state = trainer.init_state(jax.random.key(0))
+  # The temperature set outside UMT's range comes back projected into it (task.project_params).
+  state['params'] = dict(state['params'], temp=jnp.float32(0.7))
   batch_dev = sharding_lib.global_batch(batch, trainer.mesh)
   state, metrics = trainer.train_step_unmasked(state, batch_dev, jax.random.key(0))
+  assert float(state['params']['temp']) == np.float32(0.5)
   metrics = jax.device_get(metrics)
   assert np.isfinite(float(metrics['loss']))
   assert 'mrm' not in metrics and not any(k.startswith('mask/') for k in metrics)
