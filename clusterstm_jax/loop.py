@@ -29,6 +29,7 @@ from clusterstm_jax import sharding as sharding_lib
 from clusterstm_jax import tasks as tasks_lib
 from clusterstm_jax import teacher as teacher_lib
 from clusterstm_jax import trainer as trainer_lib
+from clusterstm_jax.data import checks
 from clusterstm_jax.data import pipeline
 from clusterstm_jax.errors import UserError
 from clusterstm_jax.evaluators import metrics as metrics_lib
@@ -50,6 +51,15 @@ def check(config) -> None:
   mesh = sharding_lib.make_mesh(config.mesh)
   config_lib.validate(config, sharding_lib.batch_size_per_shard(mesh), jax.process_count())
   tasks_lib.name(config)
+  if config.init and not config.data.tokenizer and config.data.name != 'shapes':
+    # Fine-tuning an export on real data: its tokenizer is the one its weights were trained with.
+    config.data.tokenizer = exports.tokenizer_path(config.init)
+  evals = config.get('evals') or {}
+  checks.check_data(config.data, [config.data.train_split, config.data.eval_split,
+                                  *(ev.get('split', '') for ev in evals.values())])
+  if config_lib.image_every(config):
+    image_config = pipeline.image_data_config(config)
+    checks.check_data(image_config, [image_config.train_split], tokenizer=False)
 
 
 def prepare_teacher(config, *, always: bool = False) -> None:

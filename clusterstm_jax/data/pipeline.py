@@ -80,6 +80,15 @@ def get_source(data_config, split: str):
   return builder.as_data_source(split)
 
 
+def split_coverage(data_config, split: str) -> tuple[int, int]:
+  """(records stored, items the annotations list) of a built split: the difference is what the
+  build skipped (missing or unreadable media, in the builder's skipped.json)."""
+  builder = _builder(data_config)
+  report = builder.skipped().get(split) if hasattr(builder, "skipped") else None
+  kept = builder.info.splits[split].num_examples
+  return kept, (report["total"] if report else kept)
+
+
 def tokenizer_path(data_config) -> str:
   """The sentencepiece model a config uses: its `tokenizer` path, or the one built with shapes."""
   if data_config.tokenizer:
