@@ -125,7 +125,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   config_lib.validate(config, sharding_lib.batch_size_per_shard(mesh), jax.process_count())
 
   # --- data ---
-  train_size = len(pipeline.get_source(config.data, config.data.train_split))
+  # Every (video, caption) pair of multi-caption datasets, every question for VideoQA.
+  train_source = pipeline.train_source(config.data, tasks_lib.examples(config), announce=is_main)
+  train_size = len(train_source)
   tokenizer = pipeline.get_tokenizer(config.data)
   image_every = config_lib.image_every(config)
   image_config = pipeline.image_data_config(config) if image_every else None
@@ -151,7 +153,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   train_loader = pipeline.make_train_loader(
       config.data, tokenizer, global_batch_size=config.batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      decode=trainer.task.decode)  # QA batches add questions and answers
+      decode=trainer.task.decode, source=train_source)  # QA batches add questions, answers
   train_iter = iter(train_loader)
   image_iter = None
   if image_every:
@@ -160,7 +162,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     image_iter = iter(pipeline.make_train_loader(
         image_config, tokenizer, global_batch_size=config_lib.image_batch_size(config),
         seed=(config.seed + 1) % 2**32, process_index=jax.process_index(),
-        process_count=jax.process_count()))
+        process_count=jax.process_count(), examples='records'))
 
   # --- restore: own workdir -> config.resume -> config.init -> scratch ---
   ckpt_dir = os.path.join(workdir, 'checkpoints')

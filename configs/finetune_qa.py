@@ -7,6 +7,11 @@ Starts from the pretraining export in config.init (see configs/finetune_retrieva
 commands that make it); the answer decoder starts from scratch. Ends with the top-1 accuracy
 over every question of the test split (answers ranked from shapes.ANSWER_VOCAB; settings of
 configs/eval_qa.py). A few minutes here. Knobs: smoke, steps=N.
+
+MSRVTT-QA (MSVD-QA: msvd), from a pretraining export, tokenizer = the export's
+(docs/datasets.md):
+  python -m clusterstm_jax.train --config=configs/finetune_qa.py --config.init=EXPORT \
+    --config.data.name=msrvtt --config.data.builder_config=qa --config.qa.answer_len=8
 """
 import ml_collections
 
@@ -22,9 +27,14 @@ def get_config(arg=None):
   config.model.text_decoder = ml_collections.ConfigDict(dict(
       variant=config.model.text_variant, depth=None))  # None: the variant's depth
   config.qa = ml_collections.ConfigDict(dict(
-      max_questions=17,  # the most a shapes clip has (2 counts + 5 per object, 3 objects)
+      # Shapes batches hold every question of a clip: the most a clip has (2 counts + 5 per
+      # object, 3 objects). Real data: one (video, question) pair per row (data/qa.py).
+      max_questions=17,
       question_len=16,
       answer_len=4,   # bos, one-word answer (one piece on shapes), eos, pad
+      # Real data: the answer list is the most frequent training answers, this many (0: 1,500
+      # on MSRVTT-QA, 1,000 on MSVD-QA, as UMT and VindLU). Shapes: its own list.
+      num_answers=0,
   ))
   config.evals = ml_collections.ConfigDict({'qa': eval_qa.evaluator()})
   if not arg.smoke:

@@ -78,6 +78,10 @@ def format_results(results: dict) -> str:
       kinds = ', '.join(f'{k[4:]} {v:.1f}' for k, v in m.items() if k.startswith('acc_'))
       lines.append(f'{name}: VideoQA top-1 accuracy {m["acc"]:.1f}% over '
                    f'{m["num_questions"]:.0f} questions ({kinds})')
+      if 'num_answers' in m:
+        lines.append(f'  answers ranked from a list of {m["num_answers"]:.0f}; '
+                     f'{m["num_out_of_list"]:.0f} questions have an answer outside it '
+                     '(counted wrong)')
     else:
       lines.append(f'{name}: ' + '  '.join(f'{k} {v:.1f}' for k, v in m.items()))
     if cover:

@@ -35,6 +35,7 @@ class Msrvtt(common.RealBuilder):
 
   name = "msrvtt"
   HUMAN_NAME = NAME
+  MULTI_CAPTION = True  # training: every (video, caption) pair (data/examples.py)
   HOMEPAGE = "https://www.microsoft.com/en-us/research/publication/msr-vtt-a-large-video-description-dataset-for-bridging-video-and-language/"
   SPLITS = {"1ka": ("train", "test"), "*": SPLITS}
   BUILDER_CONFIGS = [

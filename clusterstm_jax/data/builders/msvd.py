@@ -27,6 +27,7 @@ class Msvd(common.RealBuilder):
 
   name = "msvd"
   HUMAN_NAME = NAME
+  MULTI_CAPTION = True  # training: every (video, caption) pair (data/examples.py)
   HOMEPAGE = "https://www.cs.utexas.edu/users/ml/clamp/videoDescription/"
   BUILDER_CONFIGS = [
       common.RealConfig(name="official", task="official", description="1200/100/670, all captions."),
