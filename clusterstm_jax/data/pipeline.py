@@ -93,6 +93,12 @@ def train_source(data_config, examples: str = "captions", *, announce: bool = Tr
       what=f"{data_config.name} {data_config.train_split}")
 
 
+def eval_all_captions(data_config) -> bool:
+  """Whether the dataset's retrieval protocol ranks every caption of a video (MSVD)."""
+  return data_config.name != "shapes" and getattr(_builder(data_config), "EVAL_ALL_CAPTIONS",
+                                                  False)
+
+
 def split_coverage(data_config, split: str) -> tuple[int, int]:
   """(records stored, items the annotations list) of a built split: the difference is what the
   build skipped (missing or unreadable media, in the builder's skipped.json)."""

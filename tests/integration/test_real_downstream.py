@@ -157,8 +157,8 @@ def test_zero_shot_paragraph_retrieval(world, tmp_path, name, split, n):
 
 def test_retrieval_trains_on_every_video_caption_pair(world, tmp_path, capsys):
   data_dir, export = world
-  config = finetune_retrieval.get_config('smoke')
-  config.data.update(name='msrvtt', builder_config='1ka', data_dir=data_dir)
+  config = finetune_retrieval.get_config('smoke,data=msrvtt')
+  config.data.data_dir = data_dir
   config.update(init=export, async_checkpointing=False, batch_size=8, total_steps=-1,
                 total_epochs=1.0)
   config.evals.retrieval.batch_size = 8
@@ -181,9 +181,9 @@ def test_retrieval_trains_on_every_video_caption_pair(world, tmp_path, capsys):
 @pytest.mark.parametrize('name', ['msrvtt', 'msvd'])
 def test_qa_build_finetune_export_evaluate_with_the_answer_list(world, tmp_path, name):
   data_dir, export = world
-  config = finetune_qa.get_config('smoke,steps=2')
-  config.data.update(name=name, builder_config='qa', data_dir=data_dir)
-  config.qa.update(answer_len=8, num_answers=3)
+  config = finetune_qa.get_config(f'smoke,steps=2,data={name}')
+  config.data.data_dir = data_dir
+  config.qa.num_answers = 3
   config.update(init=export, async_checkpointing=False, batch_size=8)
   config.evals.qa.batch_size = 8
   workdir = str(tmp_path / 'run')
@@ -217,8 +217,8 @@ def test_qa_build_finetune_export_evaluate_with_the_answer_list(world, tmp_path,
 
 def test_captioning_is_scored_against_every_reference(world, tmp_path):
   data_dir, export = world
-  config = finetune_caption.get_config('smoke,steps=2')
-  config.data.update(name='msrvtt', builder_config='official', data_dir=data_dir)
+  config = finetune_caption.get_config('smoke,steps=2,data=msrvtt')
+  config.data.data_dir = data_dir
   config.update(init=export, async_checkpointing=False, batch_size=8)
   config.evals.caption.batch_size = 8
   workdir = str(tmp_path / 'run')
@@ -237,3 +237,20 @@ def test_captioning_is_scored_against_every_reference(world, tmp_path):
       caption_metrics.caption_scores(preds, refs)['BLEU-4'])
   assert result['metrics']['CIDEr'] == pytest.approx(
       caption_metrics.caption_scores(preds, refs)['CIDEr'])
+
+
+@pytest.mark.parametrize('k', [0, 8])
+def test_msvd_retrieval_ranks_every_caption(world, tmp_path, k):
+  data_dir, export = world
+  ec = eval_retrieval.get_config()
+  ec.checkpoint, ec.output = export, str(tmp_path / 'msvd.json')
+  ec.data.name, ec.data.data_dir = 'msvd', data_dir
+  ec.eval.update(batch_size=8, k=k)
+  result = loading.evaluate_checkpoint(ec)
+  # Test clips 5 and 6 have 1 + i % 3 captions: 3 + 1 text queries, 2 video candidates.
+  assert result['metrics']['num_texts'] == 4
+  for key, value in result['metrics'].items():
+    if key.startswith('t2v_R@'):
+      assert value % 25 == 0  # over 4 queries
+    if key.startswith('v2t_R@'):
+      assert value % 50 == 0  # over 2 queries

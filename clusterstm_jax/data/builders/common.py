@@ -88,6 +88,7 @@ class RealBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   SPLITS: dict[str, tuple[str, ...]] = {"*": ("train", "val", "test")}
   OPTIONAL_SPLITS: tuple[str, ...] = ()
   EVAL_SPLIT = "test"
+  EVAL_ALL_CAPTIONS = False  # retrieval's queries: every caption, not the record's `caption`
   MULTI_CAPTION = False  # records hold several captions, each a training pair (data/examples.py)
 
   def __init__(self, *, workers: int | None = None, chunk: int = 64,

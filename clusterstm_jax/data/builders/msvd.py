@@ -27,6 +27,7 @@ class Msvd(common.RealBuilder):
 
   name = "msvd"
   HUMAN_NAME = NAME
+  EVAL_ALL_CAPTIONS = True  # retrieval ranks every caption of a test clip (CLIP4Clip, UMT)
   MULTI_CAPTION = True  # training: every (video, caption) pair (data/examples.py)
   HOMEPAGE = "https://www.cs.utexas.edu/users/ml/clamp/videoDescription/"
   BUILDER_CONFIGS = [
