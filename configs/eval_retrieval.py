@@ -5,8 +5,10 @@ r"""Evaluates a model on text-video retrieval: contrastive top-k re-ranked by th
 DIR: an export or a training run of any ClusterSTM task (a pretrained one gives zero-shot
 numbers). On another dataset than the model's (zero-shot transfer, or a fine-tuned model on
 another split): --config.data.name=msrvtt --config.data.builder_config=1ka (docs/datasets.md);
-the export's own tokenizer is used. Prints t2v and v2t R@1/5/10, MdR, MnR, re-ranked (UMT) and contrastive only, and writes
-DIR/eval_retrieval.json. A few minutes on the shapes test split here (2 x 1000 x 128 pairs).
+the export's own tokenizer is used. Prints t2v and v2t R@1/5/10, MdR, MnR, re-ranked (UMT) and
+contrastive only, and writes DIR/eval_retrieval.json (another dataset:
+DIR/eval_retrieval_<dataset>_<config>.json). A few minutes on the shapes test split here
+(2 x 1000 x 128 pairs).
 """
 import ml_collections
 

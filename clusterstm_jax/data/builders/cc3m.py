@@ -76,6 +76,6 @@ def _rows(path: str, images: dict[int, str], folder: str) -> Iterator[common.Ite
       first = False
       if len(fields) < 2:
         raise UserError(f"{NAME}: row {row_index} of {path} is not 'caption<TAB>url': {fields!r}")
-      yield common.Item(str(row_index), images.get(
-          row_index, os.path.join(folder, f"{row_index:09d}.jpg")), common.text_features([fields[0]]))
+      path = images.get(row_index, os.path.join(folder, f"{row_index:09d}.jpg"))
+      yield common.Item(str(row_index), path, common.text_features([fields[0]]))
       row_index += 1
