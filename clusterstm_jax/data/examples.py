@@ -35,6 +35,9 @@ class _Expanded:
   def __len__(self) -> int:
     return len(self._records)
 
+  def __repr__(self) -> str:  # grain checks a resumed iterator's source by its repr
+    return f'_Expanded({self._source!r}, field={self._field!r}, examples={len(self)})'
+
   def __getitem__(self, j: int) -> dict:
     ex = dict(self._source[int(self._records[j])])
     k = int(self._k[j])
@@ -55,6 +58,9 @@ class _Sampled:
 
   def __len__(self) -> int:
     return len(self._keep)
+
+  def __repr__(self) -> str:
+    return f'_Sampled({self._source!r}, videos={len(self)})'
 
   def __getitem__(self, j: int) -> dict:
     return {**self._source[int(self._keep[j])], _PICK: True}

@@ -173,6 +173,9 @@ def test_retrieval_trains_on_every_video_caption_pair(world, tmp_path, capsys):
   results = loop.run(config, str(tmp_path / 'run'))
   assert results['step'] == 2  # one epoch = 16 pairs / 8 (the 5 videos would be 1 step)
   assert results['retrieval/num_items'] == 3
+  # Run again: the finished run restores its checkpoint, data iterator included, and says so.
+  assert loop.run(config, str(tmp_path / 'run')) == results
+  assert 'run already complete' in capsys.readouterr().out
   config.data.captions = 'sample'
   sampled = pipeline.train_source(config.data, 'captions')
   assert len(sampled) == 4  # one example per captioned video
