@@ -17,6 +17,7 @@ from clusterstm_jax import portable
 from clusterstm_jax import sharding as sharding_lib
 from clusterstm_jax import tasks as tasks_lib
 from clusterstm_jax import trainer as trainer_lib
+from clusterstm_jax.data import checks
 from clusterstm_jax.data import pipeline
 from clusterstm_jax.data.tokenizer import Tokenizer
 from clusterstm_jax.errors import UserError
@@ -121,17 +122,43 @@ def export_run(workdir: str, out_dir: str | None = None, *, overwrite: bool = Fa
                               overwrite=overwrite)
 
 
+def apply_data_override(config, data, tokenizer) -> None:
+  """An eval config's `data` block (configs/eval_retrieval.py) on top of the model's
+  config.data: another dataset, builder config, split or data_dir. The text always goes
+  through the model's own tokenizer; another one is an error."""
+  d = config.data
+  if data.name and data.name != d.name:
+    d.name, d.builder_config = data.name, 'default'
+    d.eval_split = checks.eval_split(data.name)
+  for field in ('builder_config', 'eval_split', 'data_dir'):
+    if data.get(field):
+      d[field] = data[field]
+  if data.tokenizer:
+    path = os.path.expanduser(data.tokenizer)
+    if not os.path.isfile(path):
+      raise UserError(f'tokenizer model not found: {path} (config.data.tokenizer)')
+    with open(path, 'rb') as a, open(tokenizer.model_path, 'rb') as b:
+      if a.read() != b.read():
+        raise UserError(f'tokenizer mismatch: {path} is not the tokenizer the model was trained '
+                        f'with ({tokenizer.model_path}); leave config.data.tokenizer empty')
+  d.tokenizer = os.path.abspath(tokenizer.model_path)
+
+
 def evaluate_checkpoint(eval_config) -> dict:
-  """evaluate's work: evaluates eval_config.checkpoint (configs/eval_*.py), prints the table,
-  writes the JSON (eval_config.output, default CHECKPOINT/eval_<type>.json) and returns it."""
-  config, params, tokenizer, mesh = load_model(eval_config.checkpoint, eval_config.data_dir)
+  """evaluate's work: evaluates eval_config.checkpoint (configs/eval_*.py) on its own data or
+  on eval_config.data's, prints the table, writes the JSON (eval_config.output, default
+  CHECKPOINT/eval_<type>.json) and returns it."""
+  ev = eval_config.eval
+  config, params, tokenizer, mesh = load_model(eval_config.checkpoint, eval_config.data.data_dir)
+  apply_data_override(config, eval_config.data, tokenizer)
+  checks.check_data(config.data, [ev.split or config.data.eval_split])
   task = tasks_lib.get(config, tasks_lib.TextSpec.from_tokenizer(tokenizer))
   ctx = evaluators.Context(config=config, params=params, predict_fns=task.predict_fns,
                            decode=task.decode, tokenizer=tokenizer, mesh=mesh)
-  ev = eval_config.eval
-  metrics, details = evaluators.get(ev.type)(ev, ctx)
+  metrics, details = evaluators.evaluate(ev, ctx)
   print(evaluators.format_results({f'{ev.type}/{k}': v for k, v in metrics.items()}))
   out = {'checkpoint': os.path.abspath(eval_config.checkpoint), 'task': config.task,
+         'dataset': config.data.name, 'builder_config': config.data.builder_config,
          'split': ev.split or config.data.eval_split, 'eval': ev.to_dict(),
          'metrics': {k: float(v) for k, v in metrics.items()}}
   if 'predictions' in details:
@@ -140,7 +167,9 @@ def evaluate_checkpoint(eval_config) -> dict:
                       for i in sorted(preds)[:eval_config.get('num_samples', 0)]]
     for s in out['samples']:
       print(f'  {s["id"]}: {s["prediction"]!r}  (reference: {s["references"][0]!r})')
-  path = eval_config.output or os.path.join(eval_config.checkpoint, f'eval_{ev.type}.json')
+  # Another dataset than the model's gets its own file, next to the one of its own data.
+  other = '' if not eval_config.data.name else f'_{config.data.name}_{config.data.builder_config}'
+  path = eval_config.output or os.path.join(eval_config.checkpoint, f'eval_{ev.type}{other}.json')
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path + '.tmp', 'w') as f:

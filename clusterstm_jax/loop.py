@@ -29,6 +29,7 @@ from clusterstm_jax import sharding as sharding_lib
 from clusterstm_jax import tasks as tasks_lib
 from clusterstm_jax import teacher as teacher_lib
 from clusterstm_jax import trainer as trainer_lib
+from clusterstm_jax.data import checks
 from clusterstm_jax.data import pipeline
 from clusterstm_jax.errors import Preempted, UserError
 from clusterstm_jax.evaluators import metrics as metrics_lib
@@ -62,6 +63,15 @@ def check(config, workdir: str | None = None) -> None:
   config_lib.validate(config, sharding_lib.batch_size_per_shard(mesh), jax.process_count())
   tasks_lib.name(config)
   pipeline.check_data_dir(config.data)
+  if config.init and not config.data.tokenizer and config.data.name != 'shapes':
+    # Fine-tuning an export on real data: its tokenizer is the one its weights were trained with.
+    config.data.tokenizer = exports.tokenizer_path(config.init)
+  evals = config.get('evals') or {}
+  checks.check_data(config.data, [config.data.train_split, config.data.eval_split,
+                                  *(ev.get('split', '') for ev in evals.values())])
+  if config_lib.image_every(config):
+    image_config = pipeline.image_data_config(config)
+    checks.check_data(image_config, [image_config.train_split], tokenizer=False)
 
 
 def prepare_teacher(config, *, always: bool = False) -> None:
@@ -133,7 +143,9 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   config_lib.validate(config, sharding_lib.batch_size_per_shard(mesh), jax.process_count())
 
   # --- data ---
-  train_size = len(pipeline.get_source(config.data, config.data.train_split))
+  # Every (video, caption) pair of multi-caption datasets, every question for VideoQA.
+  train_source = pipeline.train_source(config.data, tasks_lib.examples(config), announce=is_main)
+  train_size = len(train_source)
   tokenizer = pipeline.get_tokenizer(config.data)
   image_every = config_lib.image_every(config)
   image_config = pipeline.image_data_config(config) if image_every else None
@@ -159,7 +171,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   train_loader = pipeline.make_train_loader(
       config.data, tokenizer, global_batch_size=config.batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      decode=trainer.task.decode)  # QA batches add questions and answers
+      decode=trainer.task.decode, source=train_source)  # QA batches add questions, answers
   train_iter = iter(train_loader)
   image_iter = None
   if image_every:
@@ -168,7 +180,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
     image_iter = iter(pipeline.make_train_loader(
         image_config, tokenizer, global_batch_size=config_lib.image_batch_size(config),
         seed=(config.seed + 1) % 2**32, process_index=jax.process_index(),
-        process_count=jax.process_count()))
+        process_count=jax.process_count(), examples='records'))
 
   # --- restore: own workdir -> config.resume -> config.init -> scratch ---
   ckpt_dir = os.path.join(workdir, 'checkpoints')

@@ -7,7 +7,8 @@ Starts from the pretraining export in config.init (see configs/finetune_retrieva
 commands that make it); the decoder starts from scratch. Ends with BLEU-4, ROUGE-L and CIDEr of
 greedy captions of the test split (configs/eval_caption.py settings; beam search through
 python -m clusterstm_jax.evaluate --config=configs/eval_caption.py --config.eval.beam_size=3).
-A few minutes here. Knobs: smoke, steps=N.
+A few minutes here. Knobs: smoke, steps=N, data=NAME (a real benchmark:
+finetune_retrieval.BENCHMARKS).
 """
 import ml_collections
 
@@ -17,7 +18,7 @@ from clusterstm_jax import config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, smoke=False, steps=-1)
+  arg = config_lib.parse_arg(arg, smoke=False, steps=-1, data='')
   config = finetune_retrieval.finetune_config('caption', arg)
   del config['mask'], config['loss_weights']
   config.model.text_decoder = ml_collections.ConfigDict(dict(
@@ -33,4 +34,5 @@ def get_config(arg=None):
     config.evals.caption.batch_size = 16
   if arg.steps > 0:
     config.total_steps = arg.steps
+  finetune_retrieval.benchmark_data(config, 'caption', arg.data)
   return config

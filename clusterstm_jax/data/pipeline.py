@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 from absl import flags
 
+from clusterstm_jax.data import examples as examples_lib
 from clusterstm_jax.data import video_io
 from clusterstm_jax.data.tokenizer import Tokenizer
 from clusterstm_jax.errors import UserError
@@ -45,6 +46,9 @@ def default_data_config() -> ml_collections.ConfigDict:
       "train_split": "train",
       "eval_split": "test",
       "tokenizer": "",  # a sentencepiece .model path; '' = the one trained with shapes
+      # Multi-caption datasets: 'pairs' trains on every (video, caption) pair, 'sample' on one
+      # caption drawn per visit of a video (data/examples.py).
+      "captions": "pairs",
   })
 
 
@@ -100,6 +104,30 @@ def get_source(data_config, split: str):
     raise UserError(f"dataset {data_config.name!r} has no split {split!r}; "
                     f"it has {sorted(builder.info.splits)}")
   return builder.as_data_source(split)
+
+
+def train_source(data_config, examples: str = "captions", *, announce: bool = True):
+  """The training examples of config.data's train split (data/examples.py)."""
+  return examples_lib.examples(
+      get_source(data_config, data_config.train_split), examples,
+      multi_caption=getattr(_builder(data_config), "MULTI_CAPTION", False),
+      captions=data_config.get("captions", "pairs"), announce=announce,
+      what=f"{data_config.name} {data_config.train_split}")
+
+
+def eval_all_captions(data_config) -> bool:
+  """Whether the dataset's retrieval protocol ranks every caption of a video (MSVD)."""
+  return data_config.name != "shapes" and getattr(_builder(data_config), "EVAL_ALL_CAPTIONS",
+                                                  False)
+
+
+def split_coverage(data_config, split: str) -> tuple[int, int]:
+  """(records stored, items the annotations list) of a built split: the difference is what the
+  build skipped (missing or unreadable media, in the builder's skipped.json)."""
+  builder = _builder(data_config)
+  report = builder.skipped().get(split) if hasattr(builder, "skipped") else None
+  kept = builder.info.splits[split].num_examples
+  return kept, (report["total"] if report else kept)
 
 
 def tokenizer_path(data_config) -> str:
@@ -186,7 +214,7 @@ class _TrainDecode(grain.RandomMapTransform):
     self._decode, self._kwargs = decode, kwargs
 
   def random_map(self, element, rng: np.random.Generator):
-    return self._decode(element, rng=rng, **self._kwargs)
+    return self._decode(examples_lib.pick_caption(dict(element), rng), rng=rng, **self._kwargs)
 
 
 class _EvalDecode(grain.MapTransform):
@@ -279,16 +307,19 @@ def _ensure_flags_parsed(worker_count: int):
 
 
 def make_train_loader(data_config, tokenizer: Tokenizer, *, global_batch_size: int, seed: int,
-                      process_index: int, process_count: int,
-                      decode=decode_example) -> grain.DataLoader:
+                      process_index: int, process_count: int, decode=decode_example,
+                      examples: str = "captions", source=None) -> grain.DataLoader:
   """Shuffled, repeating, per-process sharded loader; `iter()` gives a checkpointable iterator.
 
   `decode` (decode_example's signature, picklable) makes one example; downstream tasks add fields.
+  `examples`: what one example of a record is (data/examples.py: every caption by default);
+  `source`: train_source's result when the caller has it already.
   """
   _check_batch(global_batch_size, process_index, process_count)
   if not 0 <= seed < 2**32:
     raise UserError(f"seed must be in [0, 2**32) for grain, got {seed}")
-  source = get_source(data_config, data_config.train_split)
+  if source is None:
+    source = train_source(data_config, examples, announce=process_index == 0)
   shard = grain.ShardOptions(shard_index=process_index, shard_count=process_count,
                              drop_remainder=True)
   sampler = grain.IndexSampler(len(source), shard_options=shard, shuffle=True, num_epochs=None,
@@ -303,12 +334,15 @@ def make_train_loader(data_config, tokenizer: Tokenizer, *, global_batch_size: i
 
 def make_eval_loader(data_config, tokenizer: Tokenizer, *, split: str | None = None,
                      global_batch_size: int, process_index: int, process_count: int,
-                     decode=decode_example) -> grain.DataLoader:
+                     decode=decode_example, examples: str = "records") -> grain.DataLoader:
   """One ordered pass over `split` (default data_config.eval_split); see _EvalShard for padding.
-  `decode` as in make_train_loader (called with rng=None)."""
+  `decode` as in make_train_loader (called with rng=None); `examples` as there (default: each
+  record once, its `caption` being the benchmark's text)."""
   _check_batch(global_batch_size, process_index, process_count)
-  source = _EvalShard(get_source(data_config, split or data_config.eval_split),
-                      global_batch_size, process_index, process_count)
+  split = split or data_config.eval_split
+  source = examples_lib.examples(get_source(data_config, split), examples, announce=False,
+                                 what=f"{data_config.name} {split}")
+  source = _EvalShard(source, global_batch_size, process_index, process_count)
   _ensure_flags_parsed(data_config.worker_count)
   return grain.DataLoader(
       data_source=source,

@@ -62,7 +62,11 @@ class Tokenizer:
     if not os.path.isfile(model_path):
       raise UserError(f"sentencepiece model not found: {model_path}")
     self.model_path = model_path
-    self._sp = spm.SentencePieceProcessor(model_file=model_path)
+    try:
+      self._sp = spm.SentencePieceProcessor(model_file=model_path)
+    except (RuntimeError, OSError) as e:
+      raise UserError(f"{model_path} is not a SentencePiece model "
+                      f"({str(e).splitlines()[0][:120]})") from e
     sp = self._sp
     if sp.pad_id() != 0:
       raise UserError(f"tokenizer {model_path} has pad id {sp.pad_id()}; pad id 0 is required")

@@ -77,7 +77,8 @@ def evaluate_captions(predictions: Mapping[Hashable, str],
 
 
 def run(ev, ctx: common.Context):
-  """BLEU-4, ROUGE-L, CIDEr of the split's captions -> (metrics, details: {'predictions':
+  """BLEU-4, ROUGE-L, CIDEr of the split's captions against all the references of each video
+  (its `captions`; shapes: its one caption) -> (metrics, details: {'predictions':
   {id: str}, 'references': {id: [str]}}). Uses predict_fns 'caption_context' and 'decode'."""
   ctx.needs('caption_context', 'decode', what='captioning', tasks='caption')
   config, tokenizer, mesh, params = ctx.config, ctx.tokenizer, ctx.mesh, ctx.params
@@ -107,7 +108,8 @@ def run(ev, ctx: common.Context):
   references = {}
   for i in range(len(source)):
     ex = source[i]
-    if int(ex['id']) in predictions:
-      references.setdefault(int(ex['id']), []).append(qa_data.as_text(ex['caption']))
+    if int(ex['id']) in predictions:  # every reference caption (COCO-caption protocol)
+      refs = [qa_data.as_text(c) for c in ex.get('captions', ())]
+      references[int(ex['id'])] = refs or [qa_data.as_text(ex['caption'])]
   metrics = evaluate_captions(predictions, references)
   return metrics, {'predictions': predictions, 'references': references}

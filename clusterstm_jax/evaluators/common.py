@@ -37,15 +37,17 @@ class Context:
         return jitted(*args, **kw)
     return call
 
-  def loader(self, ev):
-    """The eval loader of evaluator config `ev` (split, batch_size)."""
+  def loader(self, ev, examples: str = 'records'):
+    """The eval loader of evaluator config `ev` (split, batch_size); `examples` as in
+    pipeline.make_eval_loader."""
     shards = sharding_lib.batch_size_per_shard(self.mesh)
     if ev.batch_size % shards:
       raise UserError(f'eval batch_size={ev.batch_size} is not a multiple of the {shards} '
                       'data-parallel shards')
     return pipeline.make_eval_loader(
         self.config.data, self.tokenizer, split=ev.split or None, global_batch_size=ev.batch_size,
-        process_index=jax.process_index(), process_count=jax.process_count(), decode=self.decode)
+        process_index=jax.process_index(), process_count=jax.process_count(), decode=self.decode,
+        examples=examples)
 
   def needs(self, *names: str, what: str, tasks: str) -> None:
     """A UserError unless the model has the prediction functions `names` (of task `tasks`)."""

@@ -151,11 +151,12 @@ def evaluate(batches: Iterable[dict], predict_fn: Callable[[dict], np.ndarray], 
 
 
 def run(ev, ctx: common.Context):
-  """Top-1 accuracy over every question of the split, and per answer type (colour, ...);
+  """Top-1 accuracy over every question of the split, and per type (shapes: the answer's kind;
+  MSRVTT-QA / MSVD-QA: the question word);
   -> (metrics, details={}). Uses predict_fns 'qa_context' and 'decode'."""
   ctx.needs('qa_context', 'decode', what='VideoQA', tasks='qa')
   config, tokenizer, mesh, params = ctx.config, ctx.tokenizer, ctx.mesh, ctx.params
-  answers = qa_data.answer_table(tokenizer, config.data, config.qa.answer_len)
+  answers = qa_data.answer_table(tokenizer, config, config.qa.answer_len)
   qa_context, decode = ctx.predict_fns['qa_context'], ctx.predict_fns['decode']
 
   def predict(params, video, questions):
@@ -169,24 +170,28 @@ def run(ev, ctx: common.Context):
   records = []
 
   def batches():
-    for batch in ctx.loader(ev):
-      g = {k: common.global_rows(batch[k], mesh) for k in ('answer_idx', 'qa_mask', 'valid')}
+    for batch in ctx.loader(ev, examples=qa_data.examples_kind(config)):
+      g = {k: common.global_rows(batch[k], mesh)
+           for k in ('answer_idx', 'qtype', 'qa_mask', 'valid')}
       yield {'video': batch['video'], 'questions': batch['questions'],
-             'answer_idx': g['answer_idx'], 'qa_valid': g['qa_mask'] & g['valid'][:, None]}
+             'answer_idx': g['answer_idx'], 'qtype': g['qtype'],
+             'qa_valid': g['qa_mask'] & g['valid'][:, None]}
 
   def predict_fn(batch):
     arrays = sharding_lib.global_batch(
         {'video': batch['video'], 'questions': batch['questions']}, mesh)
     pred = np.asarray(predict(params, arrays['video'], arrays['questions']))
     records.append((pred.reshape(-1), batch['answer_idx'].reshape(-1),
-                    batch['qa_valid'].reshape(-1)))
+                    batch['qtype'].reshape(-1), batch['qa_valid'].reshape(-1)))
     return pred
 
   out = evaluate(batches(), predict_fn, answer_key='answer_idx', valid_key='qa_valid')
-  pred, gold, valid = map(np.concatenate, zip(*records))
-  kinds = np.asarray(qa_data.answer_categories(config.data) + ['other'])  # gold -1: other
-  for kind in dict.fromkeys(kinds):
-    sel = valid & (kinds[gold] == kind)
+  pred, gold, qtype, valid = map(np.concatenate, zip(*records))
+  for t, kind in enumerate(qa_data.type_names(config)):
+    sel = valid & (qtype == t)
     if sel.any():
       out[f'acc_{kind}'] = float(100.0 * np.mean(pred[sel] == gold[sel]))
+  # Accuracy over every question; those whose answer is not in the list count as wrong.
+  out['num_out_of_list'] = float(np.sum(valid & (gold < 0)))
+  out['num_answers'] = float(len(answers))
   return out, {}

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+from clusterstm_jax.data import qa as qa_data
 from clusterstm_jax.errors import UserError
 from clusterstm_jax.masking import strategies as masking
 from clusterstm_jax.tasks import finetune
@@ -16,7 +17,7 @@ from clusterstm_jax.tasks.base import Task
 from clusterstm_jax.tasks.base import TextSpec
 
 NAMES = ('clusterstm', 'siglip', 'retrieval_ft', 'qa', 'caption')
-__all__ = ['NAMES', 'Task', 'TextSpec', 'get', 'name', 'needs_teacher']
+__all__ = ['NAMES', 'Task', 'TextSpec', 'examples', 'get', 'name', 'needs_teacher']
 
 
 def name(config) -> str:
@@ -30,6 +31,12 @@ def name(config) -> str:
 def needs_teacher(config) -> bool:
   """Whether the task's step takes a frozen teacher (cluster masking, MRM targets)."""
   return name(config) == 'clusterstm' and pretrain.needs_teacher(config)
+
+
+def examples(config) -> str:
+  """What one training example is (data/examples.py): a (video, question) pair for VideoQA on
+  real data, the shapes clip with all its questions, else a (video, caption) pair."""
+  return qa_data.examples_kind(config) if name(config) == 'qa' else 'captions'
 
 
 def get(config, text: TextSpec, teacher=None) -> Task:

@@ -44,6 +44,7 @@ def retrieval_predict_fns(model) -> dict:
     embed_video(params, video uint8) -> normalised per-frame features [B,T,E]
     embed_text(params, ids) -> normalised [B,E]
     encode(params, video uint8, ids) -> (video_feat, video tokens, text_feat, text hidden)
+    encode_text(params, ids) -> (text_feat, text hidden) (texts without their video)
     match(params, hidden, ids, tokens) -> matching-head log-odds [N] of N (text, video) pairs
   """
   def embed_video(params, video):
@@ -59,12 +60,16 @@ def retrieval_predict_fns(model) -> dict:
     text_feat, hidden = apply(ids, method=model.encode_text)
     return video_feat, tokens, text_feat, hidden
 
+  def encode_text(params, ids):
+    return model.apply({'params': params}, ids, method=model.encode_text)
+
   def match(params, hidden, ids, tokens):
     apply = functools.partial(model.apply, {'params': params})
     logits = apply(apply(hidden, ids, tokens, method=model.fuse), method=model.vtm_logits)
     return logits[:, 1] - logits[:, 0]  # log-odds of a match (class 1)
 
-  return dict(embed_video=embed_video, embed_text=embed_text, encode=encode, match=match)
+  return dict(embed_video=embed_video, embed_text=embed_text, encode=encode,
+              encode_text=encode_text, match=match)
 
 
 def build(config, text: base.TextSpec, teacher=None, *, name: str = 'clusterstm',

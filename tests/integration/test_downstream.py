@@ -266,7 +266,9 @@ def test_captions_greedy_decoding_scores_and_beam_search(cli, tmp_path):
   source = pipeline.get_source(config.data, 'test')
   refs = {i: [source[i]['caption'].decode()] for i in range(len(source))}
   assert preds.keys() == refs.keys()
-  assert out['metrics'] == pytest.approx(caption_metrics.caption_scores(preds, refs))
+  scores = {k: out['metrics'][k] for k in ('BLEU-4', 'ROUGE-L', 'CIDEr')}
+  assert scores == pytest.approx(caption_metrics.caption_scores(preds, refs))
+  assert (out['metrics']['num_items'], out['metrics']['num_listed']) == (64, 64)  # no skips
   # Greedy decoding by hand for the first clips.
   data = _test_split(config, tokenizer)
   context = fn(model.caption_context)(params, tasks_base.normalize_video(

@@ -16,7 +16,6 @@ import jax
 import numpy as np
 import pytest
 
-from clusterstm_jax import checkpointing
 from clusterstm_jax import exports
 from clusterstm_jax import loading
 from clusterstm_jax import loop

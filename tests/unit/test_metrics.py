@@ -305,3 +305,20 @@ def test_caption_metrics_need_no_java():
   proc = helpers.run_python("-c", code, env=env, timeout=120)
   assert proc.returncode == 0, proc.stderr
   assert "CIDEr" in proc.stdout
+
+
+def test_several_references_score_as_pycocoevalcap_computes_them():
+  """caption_scores on the fixed sample equals pycocoevalcap's own Bleu(4) and Cider called on
+  the same (already tokenised) references, every reference of each id counted."""
+  from pycocoevalcap.bleu.bleu import Bleu
+  from pycocoevalcap.cider.cider import Cider
+  gts = {i: [cm.tokenize(r) for r in REFS[i]] for i in PREDS}
+  res = {i: [cm.tokenize(PREDS[i])] for i in PREDS}
+  bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+  cider, _ = Cider().compute_score(gts, res)
+  out = cm.caption_scores(PREDS, REFS)
+  assert out["BLEU-4"] == pytest.approx(100 * bleu[3], abs=1e-9)
+  assert out["CIDEr"] == pytest.approx(100 * cider, abs=1e-9)
+  # One reference per id (the first) scores differently: all of them are used.
+  first = cm.caption_scores(PREDS, {i: REFS[i][:1] for i in PREDS})
+  assert first["BLEU-4"] != pytest.approx(out["BLEU-4"])

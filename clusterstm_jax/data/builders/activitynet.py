@@ -8,6 +8,8 @@ there, val_2.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from clusterstm_jax.data.builders import common
@@ -24,6 +26,9 @@ class Activitynet(common.RealBuilder):
   HOMEPAGE = "https://cs.stanford.edu/people/ranjaykrishna/densevid/"
   BUILDER_CONFIGS = [common.RealConfig(name="default", task="paragraph",
                                        description="Paragraph retrieval: train, val_1, val_2.")]
+  SPLITS = {"*": ("train", "val_1", "val_2")}
+  OPTIONAL_SPLITS = ("val_2",)
+  EVAL_SPLIT = "val_1"  # the paragraph-retrieval test set of the literature
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
   Put under <data_dir>/manual/activitynet/:
     train.json, val_1.json, val_2.json (optional)   (captions.zip; a captions/ folder also works)
@@ -31,14 +36,15 @@ class Activitynet(common.RealBuilder):
   """
 
   def _split_items(self, root: str) -> dict:
-    videos = common.index_files(common.require_dir(NAME, root, "videos", "the video folder"))
+    video_dir = common.require_dir(NAME, root, "videos", "the video folder")
+    videos = common.index_files(video_dir)
     out = {}
     for split in ("train", "val_1", "val_2"):
       candidates = (f"{split}.json", f"captions/{split}.json")
       if split == "val_2" and common.find_file(root, candidates) is None:
         continue
       path = common.require_file(NAME, root, candidates, f"the {split} captions")
-      out[split] = [common.Item(key, _find(videos, key), features)
+      out[split] = [common.Item(key, _find(videos, video_dir, key), features)
                     for key, features in _paragraphs(path)]
     return out
 
@@ -46,9 +52,10 @@ class Activitynet(common.RealBuilder):
     return common.segment_features()
 
 
-def _find(videos: dict[str, str], key: str) -> str | None:
-  # Downloaders name files v_<id> (the annotation key) or just <id>.
-  return videos.get(key) or (videos.get(key[2:]) if key.startswith("v_") else None)
+def _find(videos: dict[str, str], video_dir: str, key: str) -> str:
+  # Downloads name files v_<id> (the annotation key) or just <id>.
+  keys = [key, key[2:]] if key.startswith("v_") else [key]
+  return common.locate(videos, keys, os.path.join(video_dir, f"{key}.mp4"))
 
 
 def _paragraphs(path: str) -> list[tuple[str, dict]]:

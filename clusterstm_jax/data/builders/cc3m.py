@@ -30,6 +30,8 @@ class Cc3m(common.RealBuilder):
   HUMAN_NAME = NAME
   HOMEPAGE = "https://ai.google.com/research/ConceptualCaptions/"
   IS_IMAGE = True
+  SPLITS = {"*": ("train", "val")}
+  OPTIONAL_SPLITS = ("val",)
   BUILDER_CONFIGS = [common.RealConfig(name="default", task="images", num_frames=1,
                                        description="Images as 1-frame examples.")]
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
@@ -45,8 +47,8 @@ class Cc3m(common.RealBuilder):
       if split == "val" and common.find_file(root, (tsv,)) is None:
         continue
       path = common.require_file(NAME, root, (tsv,), f"the {split} TSV")
-      images = _index_images(common.require_dir(NAME, root, folder, f"the {split} image folder"))
-      out[split] = _rows(path, images)
+      folder = common.require_dir(NAME, root, folder, f"the {split} image folder")
+      out[split] = _rows(path, _index_images(folder), folder)
     return out
 
 
@@ -61,7 +63,7 @@ def _index_images(directory: str) -> dict[int, str]:
   return out
 
 
-def _rows(path: str, images: dict[int, str]) -> Iterator[common.Item]:
+def _rows(path: str, images: dict[int, str], folder: str) -> Iterator[common.Item]:
   with open(path, newline="", encoding="utf-8") as f:
     reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
     first = True
@@ -73,5 +75,6 @@ def _rows(path: str, images: dict[int, str]) -> Iterator[common.Item]:
       first = False
       if len(fields) < 2:
         raise UserError(f"{NAME}: row {row_index} of {path} is not 'caption<TAB>url': {fields!r}")
-      yield common.Item(str(row_index), images.get(row_index), common.text_features([fields[0]]))
+      path = images.get(row_index, os.path.join(folder, f"{row_index:09d}.jpg"))
+      yield common.Item(str(row_index), path, common.text_features([fields[0]]))
       row_index += 1

@@ -83,6 +83,13 @@ class RealBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   HUMAN_NAME = ""  # e.g. "MSR-VTT", used in messages
   HOMEPAGE = ""
   IS_IMAGE = False  # True: each file is one image, stored as a 1-frame example
+  # Split names per config task ('*': any task), known before a build; splits marked optional
+  # exist only when their annotation file does. EVAL_SPLIT: the benchmark's test split.
+  SPLITS: dict[str, tuple[str, ...]] = {"*": ("train", "val", "test")}
+  OPTIONAL_SPLITS: tuple[str, ...] = ()
+  EVAL_SPLIT = "test"
+  EVAL_ALL_CAPTIONS = False  # retrieval's queries: every caption, not the record's `caption`
+  MULTI_CAPTION = False  # records hold several captions, each a training pair (data/examples.py)
 
   def __init__(self, *, workers: int | None = None, chunk: int = 64,
                file_format: str = "array_record", **kwargs):
@@ -105,6 +112,14 @@ class RealBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _extra_features(self) -> dict:
     return {}
+
+  def split_names(self) -> tuple[str, ...]:
+    """The splits of this config: the built ones once built, else the declared ones."""
+    if self.data_path.exists():
+      if not self.info.splits:
+        self.info.read_from_directory(self.data_dir)
+      return tuple(self.info.splits)
+    return self.SPLITS.get(self.builder_config.task, self.SPLITS["*"])
 
   # ----- TFDS hooks -----
   def _info(self) -> tfds.core.DatasetInfo:
@@ -171,7 +186,8 @@ class RealBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                       self.name, split, missing + unreadable, total, missing, unreadable,
                       ", ".join(f"{s['video_id']} ({s['reason']})" for s in first[:3]))
     if kept == 0:
-      where = f"; first: {first[0]['path']} ({first[0]['reason']})" if first else ""
+      where = (f"; first: {first[0]['video_id']} at {first[0]['path']} ({first[0]['reason']})"
+               if first else "")
       raise UserError(f"{self.HUMAN_NAME}: split {split!r} has no usable media "
                       f"({total} listed in the annotations){where}; check the layout in docs/datasets.md")
 
@@ -266,6 +282,15 @@ def check_manual_dir(dataset: str, path: str):
   if not os.path.isdir(path) or not os.listdir(path):
     raise UserError(f"{dataset}: the manual download directory {path} is missing or empty; "
                     "download the files by hand and lay them out as docs/datasets.md says")
+
+
+def locate(videos: dict[str, str], keys: Sequence[str], expected: str) -> str:
+  """The indexed file of the first of `keys` found in `videos` (index_files), else `expected`:
+  the path where the file should be, which the build reports as missing (skipped.json)."""
+  for key in keys:
+    if key in videos:
+      return videos[key]
+  return expected
 
 
 def find_file(root: str, candidates: Sequence[str]) -> str | None:

@@ -37,12 +37,13 @@ class Didemo(common.RealBuilder):
   """
 
   def _split_items(self, root: str) -> dict:
-    videos = common.index_files(common.require_dir(NAME, root, "videos", "the video folder"))
+    video_dir = common.require_dir(NAME, root, "videos", "the video folder")
+    videos = common.index_files(video_dir)
     out = {}
     for split in SPLITS:
       path = common.require_file(NAME, root, (f"{split}_data.json", f"data/{split}_data.json"),
                                  f"the {split} annotations")
-      out[split] = [common.Item(video, _find(videos, video), features)
+      out[split] = [common.Item(video, _find(videos, video_dir, video), features)
                     for video, features in _paragraphs(path)]
     return out
 
@@ -50,10 +51,9 @@ class Didemo(common.RealBuilder):
     return common.segment_features()
 
 
-def _find(videos: dict[str, str], name: str) -> str | None:
+def _find(videos: dict[str, str], video_dir: str, name: str) -> str:
   # Downloads keep the json's name, or swap its extension (.mov -> .mp4 after conversion).
-  stem = os.path.splitext(name)[0]
-  return videos.get(stem) or videos.get(name)
+  return common.locate(videos, [os.path.splitext(name)[0], name], os.path.join(video_dir, name))
 
 
 def _paragraphs(path: str) -> list[tuple[str, dict]]:

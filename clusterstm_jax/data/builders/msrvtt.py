@@ -35,7 +35,9 @@ class Msrvtt(common.RealBuilder):
 
   name = "msrvtt"
   HUMAN_NAME = NAME
+  MULTI_CAPTION = True  # training: every (video, caption) pair (data/examples.py)
   HOMEPAGE = "https://www.microsoft.com/en-us/research/publication/msr-vtt-a-large-video-description-dataset-for-bridging-video-and-language/"
+  SPLITS = {"1ka": ("train", "test"), "*": SPLITS}
   BUILDER_CONFIGS = [
       common.RealConfig(name="1ka", task="1ka", description="1k-A retrieval: 9k train, 1k test."),
       common.RealConfig(name="official", task="official", description="6513/497/2990, all captions."),
@@ -52,7 +54,9 @@ class Msrvtt(common.RealBuilder):
 
   def _split_items(self, root: str) -> dict:
     task = self.builder_config.task
-    videos = common.index_files(common.require_dir(NAME, root, "videos", "the video folder"))
+    video_dir = common.require_dir(NAME, root, "videos", "the video folder")
+    index = common.index_files(video_dir)
+    videos = lambda v: common.locate(index, [v], os.path.join(video_dir, "all", f"{v}.mp4"))
     if task == "1ka":
       captions, _ = _load_caption_json(root, required=True)
       return {"train": _items(videos, _train_9k(root), captions),
@@ -67,7 +71,7 @@ class Msrvtt(common.RealBuilder):
         path = common.require_file(NAME, root, (f"qa/{split}_qa.json", f"{split}_qa.json"),
                                    f"the MSRVTT-QA {split} file")
         qa = common.group_qa(NAME, path, _qa_video_id)
-        out[split] = [common.Item(v, videos.get(v), {**common.text_features(captions.get(v, [])),
+        out[split] = [common.Item(v, videos(v), {**common.text_features(captions.get(v, [])),
                                                      **common.qa_arrays(qa[v])})
                       for v in sorted(qa, key=common.natural_key)]
       return out
@@ -109,8 +113,8 @@ def _official_ids(splits: dict, split: str) -> list[str]:
   return [f"video{i}" for i in _OFFICIAL_RANGES[split]]
 
 
-def _items(videos: dict[str, str], ids: list[str], captions: dict) -> list[common.Item]:
-  return [common.Item(v, videos.get(v), common.text_features(captions.get(v, []))) for v in ids]
+def _items(videos, ids: list[str], captions: dict) -> list[common.Item]:
+  return [common.Item(v, videos(v), common.text_features(captions.get(v, []))) for v in ids]
 
 
 def _train_9k(root: str) -> list[str]:
@@ -121,10 +125,10 @@ def _train_9k(root: str) -> list[str]:
     return [row["video_id"].strip() for row in _csv_rows(path, f, ("video_id",))]
 
 
-def _test_1k(root: str, videos: dict[str, str]) -> list[common.Item]:
+def _test_1k(root: str, videos) -> list[common.Item]:
   path = common.require_file(NAME, root, TEST_1K, "the 1k-A (JSFusion) test csv")
   with open(path, newline="", encoding="utf-8") as f:
-    return [common.Item(row["video_id"].strip(), videos.get(row["video_id"].strip()),
+    return [common.Item(row["video_id"].strip(), videos(row["video_id"].strip()),
                         common.text_features([row["sentence"]]))
             for row in _csv_rows(path, f, ("video_id", "sentence"))]
 

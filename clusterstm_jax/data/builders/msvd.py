@@ -27,6 +27,8 @@ class Msvd(common.RealBuilder):
 
   name = "msvd"
   HUMAN_NAME = NAME
+  EVAL_ALL_CAPTIONS = True  # retrieval ranks every caption of a test clip (CLIP4Clip, UMT)
+  MULTI_CAPTION = True  # training: every (video, caption) pair (data/examples.py)
   HOMEPAGE = "https://www.cs.utexas.edu/users/ml/clamp/videoDescription/"
   BUILDER_CONFIGS = [
       common.RealConfig(name="official", task="official", description="1200/100/670, all captions."),
@@ -42,12 +44,14 @@ class Msvd(common.RealBuilder):
   """
 
   def _split_items(self, root: str) -> dict:
-    videos = common.index_files(common.require_dir(NAME, root, "YouTubeClips", "the clip folder"))
+    clip_dir = common.require_dir(NAME, root, "YouTubeClips", "the clip folder")
+    index = common.index_files(clip_dir)
+    videos = lambda c: common.locate(index, [c], os.path.join(clip_dir, f"{c}.avi"))
     task = self.builder_config.task
     if task == "official":
       captions = _read_descriptions(common.require_file(
           NAME, root, ("AllVideoDescriptions.txt",), "the caption file"))
-      return {s: [common.Item(c, videos.get(c), common.text_features(captions.get(c, [])))
+      return {s: [common.Item(c, videos(c), common.text_features(captions.get(c, [])))
                   for c in ids] for s, ids in _split_clips(root).items()}
     if task == "qa":
       mapping = _read_mapping(common.require_file(
@@ -68,7 +72,7 @@ class Msvd(common.RealBuilder):
         qa = common.group_qa(NAME, common.require_file(
             NAME, root, (f"qa/{split}_qa.json", f"{split}_qa.json"), f"the MSVD-QA {split} file"),
             clip_of)
-        out[split] = [common.Item(c, videos.get(c), {**common.text_features(captions.get(c, [])),
+        out[split] = [common.Item(c, videos(c), {**common.text_features(captions.get(c, [])),
                                                      **common.qa_arrays(qa[c])})
                       for c in sorted(qa, key=order.__getitem__)]
       return out

@@ -83,15 +83,19 @@ def main(argv):
   overrides = {k: getattr(f, k) for k in _CONTENT_FIELDS if getattr(f, k) is not None}
   try:
     builder = get_builder(f.dataset, f.data_dir, f.config, workers=f.workers, **overrides)
-    dl = None
-    if f.manual_dir:
-      import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds
 
-      dl = tfds.download.DownloadConfig(manual_dir=os.path.expanduser(f.manual_dir))
-    builder.download_and_prepare(download_config=dl)
+    existed = builder.data_path.exists()
+    mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if f.overwrite
+            else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+    manual = os.path.expanduser(f.manual_dir) if f.manual_dir else None
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=manual, download_mode=mode))
   except (UserError, ValueError) as e:
     raise SystemExit(f"error: {e}") from None
   print(f"{builder.name}/{builder.builder_config.name}: {builder.data_dir}")
+  if existed and not f.overwrite:
+    print("  already built: nothing read; --overwrite rebuilds it from the manual dir")
   for split, info in builder.info.splits.items():
     print(f"  {split}: {info.num_examples} examples")
   report = builder.skipped()
@@ -110,5 +114,6 @@ if __name__ == "__main__":
   flags.DEFINE_integer("num_frames", None, "Frames stored per video (a custom config).")
   flags.DEFINE_integer("image_size", None, "Short side of the stored frames (a custom config).")
   flags.DEFINE_integer("jpeg_quality", None, "JPEG quality of the stored frames (a custom config).")
+  flags.DEFINE_bool("overwrite", False, "Rebuild even when built (after fixing the files).")
   flags.DEFINE_integer("workers", None, "Decode processes (default: CPUs - 1; 0: in-process).")
   app.run(main)

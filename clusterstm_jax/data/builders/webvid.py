@@ -29,6 +29,8 @@ class Webvid(common.RealBuilder):
       common.RealConfig(name="default", task="2M", description="WebVid-2M: results_2M_*.csv."),
       common.RealConfig(name="10m", task="10M", description="WebVid-10M: results_10M_*.csv."),
   ]
+  SPLITS = {"*": ("train", "val")}
+  OPTIONAL_SPLITS = ("val",)
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
   Put under <data_dir>/manual/webvid/:
     results_2M_train.csv, results_2M_val.csv (optional)   (10M: results_10M_*.csv; a metadata/
