@@ -118,6 +118,11 @@ def get_config(arg=None):
     config.unmasked_steps = 0
     config.mesh = (('data', 1), ('fsdp', -1), ('tensor', 1))
     config.sharding_rules = 'fsdp'
+    # Memory (docs/results.md, "Paper scale: memory"): bf16 activations and matmuls, every
+    # transformer block rematerialised. Fits v5e-64 and v4/v6e-32 slices at microbatches = 1;
+    # fewer chips: --config.microbatches=K (VTC and the VTM negatives then see batch/K clips).
+    config.dtype = 'bfloat16'
+    config.remat = 'full'
     config.log_every_steps = 50
     config.checkpoint_every_steps = 1000
   if arg.smoke:

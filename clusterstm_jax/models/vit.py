@@ -71,6 +71,7 @@ class VideoViT(nn.Module):
   pre_norm: bool = False
   mlp_act: str = "gelu_tanh"
   ln_eps: float = 1e-6
+  remat: str = "none"  # common.REMAT_POLICIES name for the encoder blocks
 
   @property
   def dims(self) -> dict[str, Any]:
@@ -152,7 +153,7 @@ class VideoViT(nn.Module):
     x = nn.Dropout(rate=self.dropout)(x, not train)
     x, out = common.Encoder(dims["depth"], dims["mlp_dim"], dims["num_heads"], self.dropout,
                             dtype=self.dtype, act=self.mlp_act, ln_eps=self.ln_eps,
-                            name="Transformer")(x, deterministic=not train)
+                            remat=self.remat, name="Transformer")(x, deterministic=not train)
     x = nn.with_logical_constraint(x, common.ACT)
     pre_ln = out["pre_ln"]
     if self.class_token:

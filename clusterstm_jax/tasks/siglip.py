@@ -7,6 +7,7 @@ import functools
 import jax.numpy as jnp
 
 from clusterstm_jax import losses
+from clusterstm_jax.models import common
 from clusterstm_jax.models import siglip as siglip_lib
 from clusterstm_jax.tasks import base
 
@@ -16,7 +17,7 @@ def make_model(config, vocab_size: int) -> siglip_lib.SigLIP:
                            text_variant=config.model.text_variant,
                            image_size=config.data.image_size, vocab_size=vocab_size,
                            text_len=config.data.max_text_len,
-                           out_dim=config.model.get('embed_dim'))
+                           out_dim=config.model.get('embed_dim'), **common.policy(config))
 
 
 def init_inputs(config):
