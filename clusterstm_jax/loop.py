@@ -21,6 +21,7 @@ from absl import logging
 from etils import epath  # workdirs may be gs:// (multi-host runs share one)
 
 from clusterstm_jax import checkpointing
+from clusterstm_jax import compile_cache
 from clusterstm_jax import config_lib
 from clusterstm_jax import evaluators
 from clusterstm_jax import exports
@@ -39,6 +40,7 @@ from clusterstm_jax.models import clusterstm as clusterstm_lib
 def run(config, workdir: str) -> dict:
   """Checks, trains a missing default teacher (its own run), then train_and_evaluate."""
   check(config)
+  compile_cache.use(config, workdir)  # before the teacher's run: its programs go there too
   prepare_teacher(config)
   return train_and_evaluate(config, workdir)
 
@@ -100,6 +102,7 @@ def examples_per_step(config) -> float:
 def train_and_evaluate(config, workdir: str) -> dict:
   """Runs (or resumes) training in `workdir`; returns the final evaluation results."""
   # --- setup ---
+  t_start = time.perf_counter()
   is_main = jax.process_index() == 0
   if is_main:
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
@@ -199,6 +202,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   pending = {}
   stop_at = total_steps if config.halt_at_step < 0 else min(config.halt_at_step, total_steps)
   sharding_lib.sync_processes('train:loop')  # all processes start stepping together
+  t_loop, first = time.perf_counter(), True
   while step < stop_at:
     kind = step_kind(config, step, total_steps)
     if kind == 'image':
@@ -210,6 +214,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
       state, metrics = step_fn(state, batch, base_key)
     examples += config_lib.image_batch_size(config) if kind == 'image' else config.batch_size
     step += 1
+    if first:  # compile (or a compilation-cache read) + one step: what a relaunch waits for
+      jax.block_until_ready(state['step'])
+      first = False
+      logging.info('first step done %.1f s after the loop started (%.1f s since the run began)',
+                   time.perf_counter() - t_loop, time.perf_counter() - t_start)
+      writer.write(step, {'time/first_step_s': time.perf_counter() - t_loop,
+                          'time/start_to_first_step_s': time.perf_counter() - t_start})
     bar.update(1)
     pending['image' if kind == 'image' else 'video'] = (step, metrics)
     if step % config.log_every_steps == 0 or step == total_steps:

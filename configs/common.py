@@ -25,6 +25,9 @@ def training_config(config: ml_collections.ConfigDict) -> None:
   config.dtype = 'float32'
   config.remat = 'none'
   config.microbatches = 1
+  # jax's persistent compilation cache (clusterstm_jax/compile_cache.py): '' = WORKDIR/jax_cache,
+  # a directory, or 'off'. A relaunch then reads its compiled programs instead of compiling.
+  config.compile_cache = ''
 
   config.optax = ml_collections.ConfigDict()
   config.optax.lr = 1e-4

@@ -28,6 +28,7 @@ def command_config(evaluator_config):
   config.checkpoint = ''  # an export dir, or a run's workdir / checkpoints dir / step dir
   config.output = ''      # JSON path; '' = CHECKPOINT/eval_<type>.json
   config.data_dir = ''    # '' = the model's data.data_dir
+  config.compile_cache = ''  # '' = ~/.cache/clusterstm_jax/jax_cache, a directory, or 'off'
   config.eval = evaluator_config
   return config
 
