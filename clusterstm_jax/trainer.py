@@ -89,10 +89,11 @@ def accumulate(grad_fn, micro: int, mesh, params, batch, rng, teacher_params):
   fold_in(rng, i), and sums loss, metrics and gradients (f32), then divides by `micro`.
   Only one micro-batch's activations are live at a time.
 
-  This is the full batch's update exactly when the loss is a mean of per-example terms (and
-  the per-example randomness does not depend on the batch): MRM, VTM positives, the LM losses.
-  In-batch terms see one micro-batch: VTC's contrastive softmax and the VTM hard negatives are
-  those of a batch of batch_size / micro (tests/unit/test_memory.py checks both statements).
+  This is the full batch's update exactly when the loss is a mean of deterministic
+  per-example terms (MRM under cluster masking). Random per-example choices (MLM's token
+  masks) are drawn per micro-batch, and in-batch terms see one micro-batch: VTC's contrastive
+  softmax and the VTM hard negatives are those of a batch of batch_size / micro (GradCache-style
+  exact contrastive accumulation is not implemented). tests/unit/test_memory.py checks both.
   """
   if micro == 1:
     (loss, metrics), grads = grad_fn(params, batch, rng, teacher_params)
