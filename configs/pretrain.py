@@ -118,9 +118,10 @@ def get_config(arg=None):
     config.unmasked_steps = 0
     config.mesh = (('data', 1), ('fsdp', -1), ('tensor', 1))
     config.sharding_rules = 'fsdp'
-    # Memory (docs/results.md, "Paper scale: memory"): bf16 activations and matmuls, every
-    # transformer block rematerialised. Fits v5e-64 and v4/v6e-32 slices at microbatches = 1;
-    # fewer chips: --config.microbatches=K (VTC and the VTM negatives then see batch/K clips).
+    # Memory (docs/results.md, "Memory policy"): bf16 activations and matmuls, every
+    # transformer block rematerialised. XLA:CPU's analysis at 64 devices: 18.9 GiB a device
+    # (32 GiB chips, not v5e's 16); one device: --config.microbatches=32, 49.5 GiB (VTC and the
+    # VTM negatives then see batch/K clips). Check a slice with tools.compile_report.
     config.dtype = 'bfloat16'
     config.remat = 'full'
     config.log_every_steps = 50

@@ -23,7 +23,7 @@ def test_paper_config_values():
   assert tasks_base.grid(c) == (4, 14, 14)
   # UMT's mix: CC3M images alternating with WebVid videos, batches of the same size.
   assert (c.images.every, c.images.name, c.images.batch_size) == (2, 'cc3m', -1)
-  # The memory policy that fits v5e-64 and v4-32 (docs/results.md, "Paper scale: memory").
+  # The memory policy (docs/results.md, "Memory policy").
   assert (c.dtype, c.remat, c.microbatches) == ('bfloat16', 'full', 1)
 
 
