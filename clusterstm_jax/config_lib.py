@@ -177,6 +177,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
     raise ConfigError(f'batch_size={config.batch_size} is not divisible by the '
                       f'{num_devices} data-parallel shards of the mesh')
   _validate_images(config, num_devices, process_count)
+  micro = config.get('microbatches', 1)
+  sizes = [('batch_size', config.batch_size)]
+  if config.get('images') is not None and image_every(config):
+    sizes.append(('images.batch_size', image_batch_size(config)))
+  for name, size in sizes:
+    if micro < 1 or size % (micro * num_devices):
+      raise ConfigError(f'{name}={size} must split into microbatches={micro} micro-batches, '
+                        f'each a multiple of the {num_devices} data-parallel shards')
   mask = config.get('mask')
   if mask is not None and not 0.0 <= mask.ratio < 1.0:
     raise ConfigError(f'mask.ratio={mask.ratio} must be in [0, 1)')
@@ -190,6 +198,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
   if patch is None:
     raise ConfigError(f'model.vision_variant={config.model.vision_variant!r} needs a patch size, '
                       'e.g. "B/16"')
+  try:
+    common.policy(config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
   if image_size % patch:
     raise ConfigError(f'data.image_size={image_size} is not a multiple of model.patch_size={patch}')
 

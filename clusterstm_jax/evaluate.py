@@ -18,6 +18,7 @@ from __future__ import annotations
 from absl import flags
 
 from clusterstm_jax import cli
+from clusterstm_jax import compile_cache
 from clusterstm_jax import loading
 
 FLAGS = flags.FLAGS
@@ -25,6 +26,7 @@ cli.define_config(help_='configs/eval_<type>.py')
 
 
 def main() -> None:
+  compile_cache.use(FLAGS.config)  # config.compile_cache, else the user cache
   loading.evaluate_checkpoint(FLAGS.config)
 
 

@@ -19,6 +19,7 @@ from absl import logging
 from etils import epath  # workdirs may be gs:// (multi-host runs share one)
 
 from clusterstm_jax import checkpointing
+from clusterstm_jax import compile_cache
 from clusterstm_jax import config_lib
 from clusterstm_jax import evaluators
 from clusterstm_jax import exports
@@ -41,6 +42,7 @@ def run(config, workdir: str) -> dict:
   """Checks, trains a missing default teacher (its own run), then train_and_evaluate.
   SIGTERM/SIGINT stop it at a step boundary after saving (errors.Preempted)."""
   check(config, workdir)
+  compile_cache.use(config, workdir)  # before the teacher's run: its programs go there too
   with resilience.handle_preemption():
     prepare_teacher(config)
     return train_and_evaluate(config, workdir)
@@ -129,6 +131,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 def _train_and_evaluate(config, workdir: str) -> dict:
   # --- setup ---
+  t_start = time.perf_counter()
   is_main = jax.process_index() == 0
   progress_lib.save_config(config, workdir, enabled=is_main)
   logging.info('workdir %s, %d processes, %d devices', workdir, jax.process_count(),
@@ -233,6 +236,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   preemption = resilience.active()  # a signal stops the loop at a step boundary, after saving
   stopped = None
   sharding_lib.sync_processes('train:loop')  # all processes start stepping together
+  t_loop, first = time.perf_counter(), True
   while step < stop_at:
     kind = step_kind(config, step, total_steps)
     if kind == 'image':
@@ -244,6 +248,13 @@ def _train_and_evaluate(config, workdir: str) -> dict:
       state, metrics = step_fn(state, batch, base_key)
     examples += config_lib.image_batch_size(config) if kind == 'image' else config.batch_size
     step += 1
+    if first:  # compile (or a compilation-cache read) + one step: what a relaunch waits for
+      jax.block_until_ready(state['step'])
+      first = False
+      logging.info('first step done %.1f s after the loop started (%.1f s since the run began)',
+                   time.perf_counter() - t_loop, time.perf_counter() - t_start)
+      writer.write(step, {'time/first_step_s': time.perf_counter() - t_loop,
+                          'time/start_to_first_step_s': time.perf_counter() - t_start})
     bar.update(1)
     guard.add(step, metrics.pop('finite'))  # on device; fetched on log/checkpoint steps only
     pending['image' if kind == 'image' else 'video'] = (step, metrics)

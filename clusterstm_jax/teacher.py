@@ -23,6 +23,7 @@ from clusterstm_jax import exports
 from clusterstm_jax import sharding as sharding_lib
 from clusterstm_jax.data.tokenizer import Tokenizer
 from clusterstm_jax.errors import UserError
+from clusterstm_jax.models import common as models_common
 from clusterstm_jax.models import siglip
 from clusterstm_jax.tasks import base as tasks_base
 from clusterstm_jax.tasks import siglip as siglip_task
@@ -58,13 +59,19 @@ class Teacher:
 
 
 
+def with_policy(model, config):
+  """The frozen teacher runs in the student run's compute dtype (config.dtype); its outputs
+  are float32 (models/siglip.py). No remat: nothing of a frozen forward is kept for backward."""
+  return model.clone(dtype=models_common.policy(config)['dtype'])
+
+
 def model_from_config(config, vocab_size: int | None = None):
   """The teacher module described by `config.teacher.model` (external weights, compile checks)."""
   m = config.teacher.model
-  return siglip.SigLIP(variant=m.vision_variant, text_variant=m.text_variant,
-                       image_size=config.data.image_size,
-                       vocab_size=vocab_size or m.vocab_size, text_len=m.text_len,
-                       out_dim=m.get('out_dim'))
+  return with_policy(siglip.SigLIP(variant=m.vision_variant, text_variant=m.text_variant,
+                                   image_size=config.data.image_size,
+                                   vocab_size=vocab_size or m.vocab_size, text_len=m.text_len,
+                                   out_dim=m.get('out_dim')), config)
 
 
 def _layout(model, config, mesh):
@@ -108,7 +115,7 @@ def load_teacher(config, mesh) -> Teacher:
   if tconfig.data.image_size != config.data.image_size:
     raise UserError(f'teacher image_size {tconfig.data.image_size} != data.image_size '
                     f'{config.data.image_size}')
-  model = siglip_task.make_model(tconfig, _vocab_size(path))
+  model = with_policy(siglip_task.make_model(tconfig, _vocab_size(path)), config)
   abstract, shardings = _layout(model, config, mesh)
   params = exports.read_params(path, abstract)
   width = jax.tree.leaves(params['img']['Transformer']['encoder_norm'])[0].shape[-1]

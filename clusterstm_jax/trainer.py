@@ -87,6 +87,46 @@ def state_layout(task: tasks_lib.Task, tx, mesh, rules):
   return init_params, state_shardings, abstract_state
 
 
+def accumulate(grad_fn, micro: int, mesh, params, batch, rng, teacher_params):
+  """(loss, metrics, grads) of `batch`, as the mean over `micro` equal micro-batches.
+
+  grad_fn: value_and_grad(loss_fn, has_aux=True). With micro = 1 it is one call. Otherwise a
+  lax.scan runs grad_fn on micro-batch i (rows i, i + micro, i + 2 micro, ...: every
+  micro-batch spans every batch shard, so each device works on its own rows) with rng
+  fold_in(rng, i), and sums loss, metrics and gradients (f32), then divides by `micro`.
+  Only one micro-batch's activations are live at a time.
+
+  This is the full batch's update exactly when the loss is a mean of deterministic
+  per-example terms (MRM under cluster masking). Random per-example choices (MLM's token
+  masks) are drawn per micro-batch, and in-batch terms see one micro-batch: VTC's contrastive
+  softmax and the VTM hard negatives are those of a batch of batch_size / micro (GradCache-style
+  exact contrastive accumulation is not implemented). tests/unit/test_memory.py checks both.
+  """
+  if micro == 1:
+    (loss, metrics), grads = grad_fn(params, batch, rng, teacher_params)
+    return loss, metrics, grads
+  spec = lambda ndim: jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(None, sharding_lib.BATCH_AXES, *([None] * (ndim - 2))))
+
+  def split(x):
+    x = jnp.swapaxes(x.reshape(x.shape[0] // micro, micro, *x.shape[1:]), 0, 1)
+    return jax.lax.with_sharding_constraint(x, spec(x.ndim))
+
+  micro_batches = jax.tree.map(split, batch)
+
+  def one(i, mb):
+    (loss, metrics), grads = grad_fn(params, mb, jax.random.fold_in(rng, i), teacher_params)
+    return jax.tree.map(lambda x: x.astype(jnp.float32), (loss, metrics, grads))
+
+  def body(total, xs):
+    return jax.tree.map(jnp.add, total, one(*xs)), None
+
+  first = jax.tree.map(lambda x: x[0], micro_batches)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(one, 0, first))
+  total, _ = jax.lax.scan(body, zeros, (jnp.arange(micro), micro_batches))
+  return jax.tree.map(lambda x: x / micro, total)
+
+
 def build_trainer(config, *, mesh, total_steps: int, warmup_steps: int, teacher=None,
                   vocab_size: int | None = None,
                   text: tasks_lib.TextSpec | None = None) -> Trainer:
@@ -105,11 +145,13 @@ def build_trainer(config, *, mesh, total_steps: int, warmup_steps: int, teacher=
     params = nn.unbox(init_params(rng))
     return dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
+  micro = config.get('microbatches', 1)
+
   def train_step(state, batch, base_key, teacher_params, *, loss_fn):
     # Randomness from (base key, step): a resumed run replays exactly the same masks/dropout.
     rng = jax.random.fold_in(base_key, state['step'])
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state['params'], batch, rng, teacher_params)
+    loss, metrics, grads = accumulate(jax.value_and_grad(loss_fn, has_aux=True), micro, mesh,
+                                      state['params'], batch, rng, teacher_params)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     if task.project_params is not None:  # e.g. the temperature clamped into its range (UMT)

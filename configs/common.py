@@ -18,6 +18,17 @@ def training_config(config: ml_collections.ConfigDict) -> None:
   config.warmup_epochs = -1.0
   config.warmup_examples = -1
 
+  # Memory policy (models/common.py, trainer.py): the dtype of activations and matmuls
+  # ('float32' | 'bfloat16'; params, optimizer state and losses stay float32), what the
+  # transformer blocks keep for the backward pass ('none' | 'full' | 'dots_saveable' |
+  # 'dots_no_batch'), and the number of micro-batches whose gradients one step accumulates.
+  config.dtype = 'float32'
+  config.remat = 'none'
+  config.microbatches = 1
+  # jax's persistent compilation cache (clusterstm_jax/compile_cache.py): '' = WORKDIR/jax_cache,
+  # a directory, or 'off'. A relaunch then reads its compiled programs instead of compiling.
+  config.compile_cache = ''
+
   config.optax = ml_collections.ConfigDict()
   config.optax.lr = 1e-4
   config.optax.wd = 0.02

@@ -31,6 +31,7 @@ def command_config(evaluator_config):
   config = ml_collections.ConfigDict()
   config.checkpoint = ''  # an export dir, or a run's workdir / checkpoints dir / step dir
   config.output = ''      # JSON path; '' = CHECKPOINT/eval_<type>.json
+  config.compile_cache = ''  # '' = ~/.cache/clusterstm_jax/jax_cache, a directory, or 'off'
   config.eval = evaluator_config
   # Applied on top of the model's own config.data; '' keeps the model's value. Another `name`
   # resets builder_config to that dataset's default and eval_split to its benchmark test split.

@@ -21,7 +21,7 @@ from clusterstm_jax.losses import l2_normalize
 
 
 def vision_tower(config: ml_collections.ConfigDict, num_frames: int, image_size: int,
-                 name: str | None = None) -> vit_lib.VideoViT:
+                 name: str | None = None, **policy) -> vit_lib.VideoViT:
   """The student's VideoViT. `config.vision_options` (optional dict) passes the VideoViT
   options that match a pretrained tower, e.g. CLIP's: dict(posemb='learn', class_token=True,
   pre_norm=True, mlp_act='quick_gelu', ln_eps=1e-5) (see vit.py)."""
@@ -29,7 +29,7 @@ def vision_tower(config: ml_collections.ConfigDict, num_frames: int, image_size:
   options = options.to_dict() if hasattr(options, 'to_dict') else dict(options)
   return vit_lib.VideoViT(variant=config.vision_variant, num_frames=num_frames,
                           image_size=image_size, dropout=config.get('dropout', 0.0), name=name,
-                          **options)
+                          **policy, **options)
 
 
 def load_pretrained(path: str, student_params, model: 'ClusterSTM', *, strict: bool = True):
@@ -72,15 +72,20 @@ class ClusterSTM(nn.Module):
   num_frames: int
   image_size: int
   max_text_len: int
+  # The memory policy (models/common.py): activation/matmul dtype and the blocks' remat. Every
+  # method returns float32 features, logits and decoded tokens (what the losses see).
+  dtype: Any = jnp.float32
+  remat: str = 'none'
 
   def setup(self):
     c = self.config
     dropout = c.get('dropout', 0.0)
-    self.vision = vision_tower(c, self.num_frames, self.image_size, name='vision')
+    policy = dict(dtype=self.dtype, remat=self.remat)
+    self.vision = vision_tower(c, self.num_frames, self.image_size, name='vision', **policy)
     self.text = text_lib.TextEncoder(vocab_size=self.vocab_size, max_len=self.max_text_len,
                                      variant=c.text_variant, num_layers=c.get('text_depth'),
                                      num_fusion_layers=c.text_fusion_layers, dropout=dropout,
-                                     name='text')
+                                     name='text', **policy)
     dense = lambda features, name: nn.Dense(
         features, name=name,
         kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(),
@@ -94,7 +99,7 @@ class ClusterSTM(nn.Module):
     d = c.decoder
     self.decoder = (decoder_lib.VideoDecoder(width=d.width, depth=d.depth, num_heads=d.num_heads,
                                              mlp_dim=d.mlp_dim, out_dim=d.out_dim,
-                                             dropout=dropout, name='decoder')
+                                             dropout=dropout, name='decoder', **policy)
                     if d.out_dim else None)
 
   def temperature(self):
@@ -105,13 +110,14 @@ class ClusterSTM(nn.Module):
   def encode_video(self, video, keep_idx=None, *, train=False):
     """video: [B,T,H,W,3] normalised -> (frame features [B,T,E] normalised, tokens [B,T,Nc,D])."""
     tokens, _ = self.vision(video, keep_idx, train=train)
-    frame = jnp.mean(tokens, axis=2)  # mean over the (visible) tokens of each frame
+    # mean over the (visible) tokens of each frame, in f32
+    frame = jnp.mean(tokens.astype(jnp.float32), axis=2)
     return l2_normalize(self.vision_proj(frame)), tokens
 
   def encode_text(self, ids, *, train=False):
     """ids: [B,L] -> (sentence feature [B,E] normalised, hidden [B,L,Dt])."""
     hidden = self.text.encode(ids, train=train)
-    return l2_normalize(self.text_proj(hidden[:, 0])), hidden
+    return l2_normalize(self.text_proj(hidden[:, 0].astype(jnp.float32))), hidden
 
   def fuse(self, hidden, ids, video_tokens, *, train=False):
     """Text hidden [B,L,D] cross-attending to video tokens [B,T,Nc,Dv] -> fused [B,L,D]."""
@@ -120,14 +126,14 @@ class ClusterSTM(nn.Module):
     return self.text.fuse(hidden, text_lib.padding_mask(ids), flat, None, train=train)
 
   def vtm_logits(self, fused):
-    return self.vtm_head(fused[:, 0])
+    return self.vtm_head(fused[:, 0].astype(jnp.float32))
 
   def mlm_logits(self, fused):
-    return self.text.mlm_logits(fused)
+    return self.text.mlm_logits(fused).astype(jnp.float32)
 
   def decode(self, tokens, keep_idx, grid, *, train=False):
     """Visible tokens [B,T,Nc,D] at keep_idx -> every token [B,T,N,Dt] in the teacher's width."""
-    return self.decoder(tokens, keep_idx, grid, train=train)
+    return self.decoder(tokens, keep_idx, grid, train=train).astype(jnp.float32)
 
   def __call__(self, video, ids, keep_idx=None, *, train=False) -> dict[str, Any]:
     video_feat, tokens = self.encode_video(video, keep_idx, train=train)

@@ -35,6 +35,51 @@ VARIANTS: dict[str, dict[str, int]] = {
 
 ACT = ("batch", "length", "embed")  # logical axes of [B, L, D] activations
 
+# ----------------------------------------------------------------------------- memory policy
+# config.dtype: the dtype of activations and matmuls. Parameters, optimizer state, softmax,
+# LayerNorm statistics and every loss stay float32 (flax computes LayerNorm statistics in f32
+# and `attention` forces an f32 softmax); models return f32 features to the losses.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# config.remat: what a transformer block keeps for the backward pass (jax.checkpoint policies).
+#   none           everything (no rematerialisation)
+#   full           only the block's input; the block is recomputed in the backward pass
+#   dots_saveable  matmul outputs (recomputes the elementwise ops between them)
+#   dots_no_batch  matmul outputs without batch dimensions (projections, not attention logits)
+REMAT_POLICIES = {
+    "none": None,
+    "full": None,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def compute_dtype(name: str) -> Dtype:
+  """'float32' | 'bfloat16' -> the jnp dtype of activations and matmuls."""
+  if name not in DTYPES:
+    raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
+  return DTYPES[name]
+
+
+def policy(config) -> dict[str, Any]:
+  """Model keyword arguments (dtype, remat) of a run config's `dtype` / `remat` fields
+  (float32 / none when absent, e.g. in a config exported before they existed)."""
+  remat = config.get("remat", "none")
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}")
+  return dict(dtype=compute_dtype(config.get("dtype", "float32")), remat=remat)
+
+
+def remat_block(block: type[nn.Module], remat: str) -> type[nn.Module]:
+  """`block` (an nn.Module class whose __call__ takes `deterministic` as its 5th positional
+  argument after self) wrapped in nn.remat with the named policy; `block` itself for 'none'.
+  The wrapped class keeps the parameter names (checkpoints load either way)."""
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}")
+  if remat == "none":
+    return block
+  # deterministic is a Python bool (it switches dropout): static, so positional argument 5.
+  return nn.remat(block, policy=REMAT_POLICIES[remat], static_argnums=(5,))
+
 
 def parse_variant(variant: str) -> tuple[dict[str, int], int | None]:
   """'B/16' -> (dict(width=768, depth=12, mlp_dim=3072, num_heads=12), 16); 'B' -> (dict, None)."""
@@ -170,7 +215,7 @@ def attention(num_heads: int, dtype: Dtype = jnp.float32,
   """big_vision's attention (xavier-uniform kernels, zero biases) with logical names."""
   xavier = nn.initializers.xavier_uniform()
   return nn.MultiHeadDotProductAttention(
-      num_heads=num_heads, dtype=dtype, name=name,
+      num_heads=num_heads, dtype=dtype, name=name, force_fp32_for_softmax=True,
       kernel_init=_dense_general_part(xavier, ("embed", "heads", "kv")),
       out_kernel_init=_dense_general_part(xavier, ("heads", "kv", "embed")),
       bias_init=_dense_general_part(nn.initializers.zeros, ("heads", "kv")),
@@ -224,7 +269,7 @@ class EncoderBlock(nn.Module):
   ln_eps: float = 1e-6
 
   @nn.compact
-  def __call__(self, x, mask=None, context=None, context_mask=None, *,
+  def __call__(self, x, mask=None, context=None, context_mask=None,
                deterministic: bool = True):
     if self.cross_attention and context is None:
       raise ValueError("this EncoderBlock has cross_attention=True and needs `context`")
@@ -263,15 +308,17 @@ class Encoder(nn.Module):
   dtype: Dtype = jnp.float32
   act: str = "gelu_tanh"
   ln_eps: float = 1e-6
+  remat: str = "none"  # a REMAT_POLICIES name, applied to every block
 
   @nn.compact
   def __call__(self, x, mask=None, context=None, context_mask=None, *,
                deterministic: bool = True):
     out = {}
+    block = remat_block(EncoderBlock, self.remat)
     for i in range(self.depth):
-      x = EncoderBlock(self.mlp_dim, self.num_heads, self.dropout, self.cross_attention,
-                       self.dtype, self.act, self.ln_eps, name=f"encoderblock_{i}")(
-                           x, mask, context, context_mask, deterministic=deterministic)
+      x = block(self.mlp_dim, self.num_heads, self.dropout, self.cross_attention,
+                self.dtype, self.act, self.ln_eps, name=f"encoderblock_{i}")(
+                    x, mask, context, context_mask, deterministic)
       out[f"block{i:02d}"] = x
     out["pre_ln"] = x
     return layer_norm(self.dtype, name="encoder_norm", eps=self.ln_eps)(x), out

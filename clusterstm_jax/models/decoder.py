@@ -62,6 +62,7 @@ class VideoDecoder(nn.Module):
   out_dim: int
   dropout: float = 0.0
   dtype: Any = jnp.float32
+  remat: str = "none"  # common.REMAT_POLICIES name for the blocks
 
   def _check(self, visible_tokens, keep_idx, grid):
     if self.width % 16:
@@ -111,7 +112,7 @@ class VideoDecoder(nn.Module):
     x = nn.with_logical_constraint(jnp.reshape(x, (b, t * n, d)), common.ACT)
     x = nn.Dropout(rate=self.dropout)(x, not train)
     x, _ = common.Encoder(self.depth, self.mlp_dim, self.num_heads, self.dropout,
-                          dtype=self.dtype, name="Transformer")(x, deterministic=not train)
+                          dtype=self.dtype, remat=self.remat, name="Transformer")(x, deterministic=not train)
     x = nn.Dense(self.out_dim, dtype=self.dtype, name="head",
                  kernel_init=_part(xavier, ("embed", None)),
                  bias_init=_part(nn.initializers.zeros, (None,)))(x)

@@ -41,6 +41,7 @@ class _ImageTower(nn.Module):
   out_dim: int | None
   dropout: float
   dtype: Any
+  remat: str = "none"
 
   def setup(self):
     d, p = self.dims["width"], self.dims["patch_size"]
@@ -54,7 +55,7 @@ class _ImageTower(nn.Module):
                                (None, None, "embed")), (1, n, d), jnp.float32)
     self.Transformer = common.Encoder(  # pylint: disable=invalid-name
         self.dims["depth"], self.dims["mlp_dim"], self.dims["num_heads"], self.dropout,
-        dtype=self.dtype)
+        dtype=self.dtype, remat=self.remat)
     self.MAPHead_0 = common.MAPHead(  # pylint: disable=invalid-name
         self.dims["mlp_dim"], self.dims["num_heads"], dtype=self.dtype, width=d)
     self.embed_dropout = nn.Dropout(rate=self.dropout)
@@ -92,6 +93,7 @@ class _TextTower(nn.Module):
   out_dim: int | None
   dropout: float
   dtype: Any
+  remat: str = "none"
 
   def setup(self):
     d = self.dims["width"]
@@ -104,7 +106,7 @@ class _TextTower(nn.Module):
                                (None, None, "embed")), (1, self.text_len, d), jnp.float32)
     self.Encoder_0 = common.Encoder(  # pylint: disable=invalid-name
         self.dims["depth"], self.dims["mlp_dim"], self.dims["num_heads"], self.dropout,
-        dtype=self.dtype)
+        dtype=self.dtype, remat=self.remat)
     if self.out_dim:
       self.head = nn.Dense(self.out_dim, dtype=self.dtype,
                            kernel_init=_part(nn.initializers.lecun_normal(), ("embed", None)),
@@ -140,6 +142,7 @@ class SigLIP(nn.Module):
   temperature_init: float = 10.0
   bias_init: float = -10.0
   dtype: Any = jnp.float32
+  remat: str = "none"  # common.REMAT_POLICIES name for the blocks of both towers
 
   def _dims(self):
     img = common.resolve_dims(self.variant, width=self.width, depth=self.depth,
@@ -163,8 +166,9 @@ class SigLIP(nn.Module):
 
   def setup(self):
     img, txt, out = self._dims()
-    self.img = _ImageTower(img, self.image_size, out[0], self.dropout, self.dtype)
-    self.txt = _TextTower(txt, self.vocab_size, self.text_len, out[1], self.dropout, self.dtype)
+    self.img = _ImageTower(img, self.image_size, out[0], self.dropout, self.dtype, self.remat)
+    self.txt = _TextTower(txt, self.vocab_size, self.text_len, out[1], self.dropout, self.dtype,
+                          self.remat)
     t0, b0 = float(np.log(self.temperature_init)), float(self.bias_init)
     self.t = self.param("t", _part(lambda k, s, dt: jnp.full(s, t0, dt), (None,)), (1,),
                         jnp.float32)
@@ -174,18 +178,20 @@ class SigLIP(nn.Module):
   def encode_image(self, images, *, train: bool = False):
     """images [N,H,W,3] in [-1,1] -> (zimg [N,D], aux): aux['tokens'] [N,n,D] is the
     encoder_norm output before pooling, aux['pre_logits'] the MAP output before the head,
-    aux['encoder'] the per-block outputs ('block{i:02d}', 'pre_ln')."""
+    aux['encoder'] the per-block outputs ('block{i:02d}', 'pre_ln'). zimg and tokens are
+    float32 whatever the compute dtype."""
     size = ((self.image_size,) * 2 if isinstance(self.image_size, int)
             else tuple(self.image_size))
     if images.ndim != 4 or tuple(images.shape[1:]) != (*size, 3):
       raise ValueError(f"images must be [N, {size[0]}, {size[1]}, 3], got shape {images.shape}")
-    return self.img(images, train=train)
+    z, aux = self.img(images, train=train)
+    return z.astype(jnp.float32), dict(aux, tokens=aux["tokens"].astype(jnp.float32))
 
   def encode_text(self, ids, *, train: bool = False):
     """ids [N, text_len] int -> ztxt [N, D] (last-token pooled, through the text head)."""
     if ids.ndim != 2 or ids.shape[1] != self.text_len:
       raise ValueError(f"ids must be [N, {self.text_len}], got shape {ids.shape}")
-    return self.txt(ids, train=train)
+    return self.txt(ids, train=train).astype(jnp.float32)
 
   def map_pool(self, tokens, mask=None):
     """The image tower's MAP head (+ image head, if any) on arbitrary token sets:
@@ -193,12 +199,12 @@ class SigLIP(nn.Module):
     -> [M, D], in the same space as encode_image's zimg."""
     if tokens.ndim != 3:
       raise ValueError(f"map_pool tokens must be [M, k, D], got shape {tokens.shape}")
-    return self.img.pool(tokens, mask)[0]
+    return self.img.pool(tokens, mask)[0].astype(jnp.float32)
 
   def map_pool_windows(self, grid, k: int = 3):
     """map_pool of every token's k x k spatial window (clipped at borders), computed without
     building the windows: grid [M, h, w, D] -> [M, h, w, out]."""
-    return self.img.pool_windows(grid, k)
+    return self.img.pool_windows(grid, k).astype(jnp.float32)
 
   def __call__(self, images, ids, *, train: bool = False):
     """-> (zimg, ztxt, aux) unnormalised; aux: 't' (log temperature) and 'b' params [1],

@@ -45,6 +45,7 @@ class TextEncoder(nn.Module):
   tie_mlm_head: bool = True
   pad_id: int = 0
   dtype: Any = jnp.float32
+  remat: str = "none"  # common.REMAT_POLICIES name for the blocks
 
   @property
   def dims(self) -> dict[str, Any]:
@@ -65,7 +66,7 @@ class TextEncoder(nn.Module):
     self.pos_embedding = self.param("pos_embedding", part(bert_init, (None, None, "embed")),
                                     (1, self.max_len, d), jnp.float32)
     blocks = dict(mlp_dim=dims["mlp_dim"], num_heads=dims["num_heads"], dropout=self.dropout,
-                  dtype=self.dtype)
+                  dtype=self.dtype, remat=self.remat)
     self.text_encoder = common.Encoder(dims["depth"] - self.num_fusion_layers, **blocks)
     self.fusion_encoder = common.Encoder(self.num_fusion_layers, cross_attention=True, **blocks)
     self.embed_dropout = nn.Dropout(rate=self.dropout)

@@ -51,7 +51,7 @@ class DecoderBlock(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, self_mask, context, context_mask=None, *, deterministic: bool = True):
+  def __call__(self, x, self_mask, context, context_mask=None, deterministic: bool = True):
     x = nn.with_logical_constraint(x, common.ACT)
     y = common.layer_norm(self.dtype)(x)
     y = common.attention(self.num_heads, self.dtype)(y, y, mask=self_mask)
@@ -88,6 +88,7 @@ class TextDecoder(nn.Module):
   dropout: float = 0.0
   pad_id: int = 0
   dtype: Any = jnp.float32
+  remat: str = "none"  # common.REMAT_POLICIES name for the blocks
 
   @property
   def dims(self) -> dict[str, Any]:
@@ -126,10 +127,10 @@ class TextDecoder(nn.Module):
                          kernel_init=_part(nn.initializers.xavier_uniform(), (None, "embed")),
                          bias_init=_part(nn.initializers.zeros, ("embed",)))(context)
     self_mask = causal_mask(ids, self.pad_id)
+    block = common.remat_block(DecoderBlock, self.remat)
     for i in range(dims["depth"]):
-      x = DecoderBlock(dims["mlp_dim"], dims["num_heads"], self.dropout, self.dtype,
-                       name=f"decoderblock_{i}")(x, self_mask, context, context_mask,
-                                                 deterministic=not train)
+      x = block(dims["mlp_dim"], dims["num_heads"], self.dropout, self.dtype,
+                name=f"decoderblock_{i}")(x, self_mask, context, context_mask, not train)
     x = common.layer_norm(self.dtype, name="decoder_norm")(x)
     bias = self.param("logits_bias", _part(nn.initializers.zeros, ("vocab",)),
                       (self.vocab_size,), jnp.float32)

@@ -40,16 +40,49 @@ from clusterstm_jax.models import checkpoint_io as cio
 from clusterstm_jax.models import common
 from clusterstm_jax.models.common import grid_size, num_patches  # re-exported helpers
 
-__all__ = ["VideoViT", "grid_size", "num_patches", "load", "options_from_hf_config"]
+__all__ = ["VideoViT", "PatchEmbedding", "patchify", "grid_size", "num_patches", "load",
+           "options_from_hf_config"]
 
 _part = nn.with_logical_partitioning
+
+
+def patchify(video, patch: int, grid: tuple[int, int]):
+  """[B,T,H,W,C] -> [B,T,gh*gw, patch*patch*C], row-major over the grid, each patch's pixels in
+  (y, x, c) order: the flattening of a [p, p, C, D] convolution kernel. Pixels past the grid
+  (H or W not a multiple of p) are dropped, as by a VALID convolution."""
+  b, t, _, _, c = video.shape
+  gh, gw = grid
+  x = video[:, :, :gh * patch, :gw * patch]
+  x = x.reshape(b, t, gh, patch, gw, patch, c).transpose(0, 1, 2, 4, 3, 5, 6)
+  return x.reshape(b, t, gh * gw, patch * patch * c)
+
+
+class PatchEmbedding(nn.Module):
+  """The stride-p p x p patch convolution as a Dense on patchify()'d pixels. Parameters are a
+  convolution's (`kernel` [p, p, C, D], `bias` [D]; big_vision's `embedding`), so ViT
+  checkpoints load unchanged. __call__(patches [..., p*p*C]) -> [..., D]."""
+  width: int
+  patch: int
+  channels: int = 3
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, patches):
+    p, d = self.patch, self.width
+    kernel = self.param("kernel", _part(nn.initializers.lecun_normal(),
+                                        (None, None, None, "embed")),
+                        (p, p, self.channels, d), jnp.float32)
+    bias = self.param("bias", _part(nn.initializers.zeros, ("embed",)), (d,), jnp.float32)
+    kernel = jnp.reshape(kernel, (p * p * self.channels, d)).astype(self.dtype)
+    return jnp.dot(patches.astype(self.dtype), kernel) + bias.astype(self.dtype)
 
 
 class VideoViT(nn.Module):
   """__call__(video [B,T,H,W,3], keep_idx [B,T,Nc] | None, *, train) -> (tokens [B,T,Nc,D], aux).
 
   T must be `num_frames` or 1 (images). aux holds:
-    'patches': position-embedded patch embeddings of every token, [B, T, N, D];
+    'patches' (keep_idx None only: only the kept patches are embedded): position-embedded
+      patch embeddings of every token, [B, T, N, D];
     'encoder_input': the gathered visible ones fed to the encoder, [B, T, Nc, D];
     'pre_ln': encoder output before the final norm, [B, T, Nc, D];
     with class_token: 'cls' [B, D] (after encoder_norm) and 'cls_pre_ln' [B, D].
@@ -71,6 +104,7 @@ class VideoViT(nn.Module):
   pre_norm: bool = False
   mlp_act: str = "gelu_tanh"
   ln_eps: float = 1e-6
+  remat: str = "none"  # common.REMAT_POLICIES name for the encoder blocks
 
   @property
   def dims(self) -> dict[str, Any]:
@@ -116,28 +150,29 @@ class VideoViT(nn.Module):
     self._check(video, keep_idx)
     dims = self.dims
     p, d = dims["patch_size"], dims["width"]
-    b, t, h, w, c = video.shape
-    frames = jnp.reshape(video, (b * t, h, w, c)).astype(self.dtype)
-    x = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype, name="embedding",
-                kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
-                                                         (None, None, None, "embed")),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(frames)
-    gh, gw = x.shape[1:3]
-    x = jnp.reshape(x, (b, t, gh * gw, d))
-    # Positions are added before dropping tokens, so each kept token knows where it was.
+    b, t = video.shape[:2]
+    gh, gw = self.grid
+    # Every token's position (space-time), each token knows where it was after the gather.
     if self.posemb == "sincos":
-      x = x + jnp.asarray(common.sincos_posemb_3d(t, gh, gw, d), x.dtype)[None]
+      pos = jnp.asarray(common.sincos_posemb_3d(t, gh, gw, d), self.dtype)[None]
     else:
-      pos = self.param("pos_embedding", _part(nn.initializers.normal(stddev=1 / np.sqrt(d)),
-                                              (None, None, "embed")), (1, gh * gw, d), jnp.float32)
+      table = self.param("pos_embedding", _part(nn.initializers.normal(stddev=1 / np.sqrt(d)),
+                                                (None, None, "embed")), (1, gh * gw, d),
+                         jnp.float32)
       time = self.param("time_embedding", _part(nn.initializers.zeros,
                                                 (None, None, None, "embed")),
                         (1, self.num_frames, 1, d), jnp.float32)
-      x = x + pos[:, None].astype(x.dtype) + time[:, :t].astype(x.dtype)
-    aux = {"patches": x}
-
+      pos = (table[:, None] + time[:, :t]).astype(self.dtype)  # [1, t, N, d]
+    # The patch embedding is per patch (a stride-p, p x p convolution), so embedding only the
+    # kept patches' pixels gives exactly the kept rows of the full embedding (up to float
+    # summation order; tests/unit/test_models_vit.py) at Nc/N of the FLOPs.
+    patches = patchify(video.astype(self.dtype), p, (gh, gw))  # [B, T, N, p*p*3]
     if keep_idx is not None:
-      x = jnp.take_along_axis(x, keep_idx[..., None].astype(jnp.int32), axis=2)
+      idx = keep_idx[..., None].astype(jnp.int32)
+      patches = jnp.take_along_axis(patches, idx, axis=2)
+      pos = jnp.take_along_axis(jnp.broadcast_to(pos, (b, t, gh * gw, d)), idx, axis=2)
+    x = PatchEmbedding(d, p, dtype=self.dtype, name="embedding")(patches) + pos
+    aux = {} if keep_idx is not None else {"patches": x}
     aux["encoder_input"] = x
     nc = x.shape[2]
 
@@ -152,7 +187,7 @@ class VideoViT(nn.Module):
     x = nn.Dropout(rate=self.dropout)(x, not train)
     x, out = common.Encoder(dims["depth"], dims["mlp_dim"], dims["num_heads"], self.dropout,
                             dtype=self.dtype, act=self.mlp_act, ln_eps=self.ln_eps,
-                            name="Transformer")(x, deterministic=not train)
+                            remat=self.remat, name="Transformer")(x, deterministic=not train)
     x = nn.with_logical_constraint(x, common.ACT)
     pre_ln = out["pre_ln"]
     if self.class_token:

@@ -20,6 +20,7 @@ from clusterstm_jax import losses
 from clusterstm_jax.data import pipeline
 from clusterstm_jax.data import qa as qa_data
 from clusterstm_jax.models import clusterstm as clusterstm_lib
+from clusterstm_jax.models import common
 from clusterstm_jax.models import text as text_lib
 from clusterstm_jax.models import text_decoder as text_decoder_lib
 from clusterstm_jax.tasks import base
@@ -37,7 +38,8 @@ class DecoderModel(clusterstm_lib.ClusterSTM):
     d = self.config.text_decoder
     self.text_decoder = text_decoder_lib.TextDecoder(
         vocab_size=self.vocab_size, max_len=self.decoder_len, variant=d.variant,
-        depth=d.get('depth'), dropout=self.config.get('dropout', 0.0))
+        depth=d.get('depth'), dropout=self.config.get('dropout', 0.0), dtype=self.dtype,
+        remat=self.remat)
 
   def qa_context(self, video, questions, *, train=False):
     """video [B,T,H,W,3] normalised, questions [B,Q,L] -> (fused [B*Q,L,D], mask [B*Q,L]).
@@ -58,7 +60,7 @@ class DecoderModel(clusterstm_lib.ClusterSTM):
 
   def decode_text(self, ids, context, context_mask=None, *, train=False):
     """Decoder logits [N,L,V] of ids [N,L] given the context (see TextDecoder)."""
-    return self.text_decoder(ids, context, context_mask, train=train)
+    return self.text_decoder(ids, context, context_mask, train=train)  # f32 logits
 
   def __call__(self, video, ids, decoder_ids, *, train=False):
     out = super().__call__(video, ids, train=train)
@@ -79,7 +81,7 @@ def make_model(config, vocab_size: int) -> DecoderModel:
   return DecoderModel(config=config.model, vocab_size=vocab_size,
                       num_frames=config.data.num_frames, image_size=config.data.image_size,
                       max_text_len=config.data.max_text_len, task=config.task,
-                      decoder_len=decoder_len(config))
+                      decoder_len=decoder_len(config), **common.policy(config))
 
 
 def build(config, text: base.TextSpec) -> base.Task:

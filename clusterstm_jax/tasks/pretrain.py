@@ -16,6 +16,7 @@ from clusterstm_jax import losses
 from clusterstm_jax.masking import stats as mask_stats
 from clusterstm_jax.masking import strategies as masking
 from clusterstm_jax.models import clusterstm as clusterstm_lib
+from clusterstm_jax.models import common as models_common
 from clusterstm_jax.tasks import base
 
 
@@ -23,7 +24,8 @@ def make_model(config, vocab_size: int) -> clusterstm_lib.ClusterSTM:
   return clusterstm_lib.ClusterSTM(config=config.model, vocab_size=vocab_size,
                                    num_frames=config.data.num_frames,
                                    image_size=config.data.image_size,
-                                   max_text_len=config.data.max_text_len)
+                                   max_text_len=config.data.max_text_len,
+                                   **models_common.policy(config))
 
 
 def mlm_special_ids(text: base.TextSpec) -> tuple[int, ...]:

@@ -7,6 +7,7 @@ import functools
 import jax.numpy as jnp
 
 from clusterstm_jax import losses
+from clusterstm_jax.models import common
 from clusterstm_jax.models import siglip as siglip_lib
 from clusterstm_jax.tasks import base
 
@@ -18,7 +19,7 @@ def make_model(config, vocab_size: int) -> siglip_lib.SigLIP:
                            text_len=config.data.max_text_len,
                            out_dim=config.model.get('embed_dim'),
                            temperature_init=config.model.get('temperature_init', 10.0),
-                           bias_init=config.model.get('bias_init', -10.0))
+                           bias_init=config.model.get('bias_init', -10.0), **common.policy(config))
 
 
 def init_inputs(config):

@@ -1,7 +1,8 @@
 r"""Ahead-of-time compile report of one train step: per-device memory and FLOPs, on N CPU devices.
 
   python -m clusterstm_jax.tools.compile_report --config=configs/pretrain.py:paper --devices=256 \
-      [--mesh=data=1,fsdp=-1,tensor=1] [--rules=fsdp] [--vocab_size=32000] [--config.x=y]
+      [--mesh=data=1,fsdp=-1,tensor=1] [--rules=fsdp] [--vocab_size=32000] \
+      [--microbatches=1,4,16] [--config.x=y]
 
 Simulates `--devices` CPU devices (XLA_FLAGS, set before jax is imported), builds the trainer the
 training run builds (trainer.build_trainer: the same mesh, rules, shardings and jitted step) and
@@ -13,6 +14,9 @@ Prints, per device:
   XLA cost_analysis                                FLOPs and bytes accessed of one step
 XLA's figures are those of the partitioned (per-device) program. On CPU they show what sharding
 buys; a TPU compile's temp memory differs (other fusion and layouts), the shard bytes do not.
+Then, for each --microbatches value (default: config.microbatches; the step is compiled once
+per value), the peak per device against the HBM of common accelerators (HBM_GIB), and which
+of them it fits.
 """
 from __future__ import annotations
 
@@ -34,6 +38,8 @@ FLAGS = flags.FLAGS
 DEFAULT_DEVICES = 8
 DEFAULT_VOCAB = 32000
 MESH_AXES = ('data', 'fsdp', 'tensor')
+# HBM per chip (GiB) of the accelerators users book.
+HBM_GIB = {'v5e': 16, 'v4': 32, 'v6e': 32, 'H100': 80, 'v5p': 95, 'H200': 141}
 
 
 def define_flags() -> None:
@@ -48,6 +54,8 @@ def define_flags() -> None:
   flags.DEFINE_integer('vocab_size', None, 'Text vocabulary size. Default: the size of '
                        'config.data.tokenizer when that file exists, else 32000.')
   flags.DEFINE_integer('batch_size', None, 'Global batch. Default: config.batch_size.')
+  flags.DEFINE_list('microbatches', None, 'Micro-batch counts to compile the step with, e.g. '
+                    '"1,4,16". Default: config.microbatches.')
   flags.DEFINE_enum('teacher', 'auto', ['auto', 'model', 'config'],
                     'Abstract teacher, when the config needs one: "model" = config.teacher.model '
                     '(external SigLIP weights), "config" = the one config.teacher.config trains; '
@@ -133,7 +141,7 @@ def _abstract_teacher(config, mesh, vocab_size: int, which: str):
   tconfig = config_lib.load_config_file(config.teacher.config)
   with tconfig.unlocked():
     tconfig.data = config.data.copy_and_resolve_references()
-  model = siglip_task.make_model(tconfig, vocab_size)
+  model = teacher_lib.with_policy(siglip_task.make_model(tconfig, vocab_size), config)
   boxed = tasks_base.abstract_params(model, siglip_task.init_inputs(tconfig))
   shardings = sharding_lib.tree_shardings(
       boxed, mesh, sharding_lib.logical_rules(config.sharding_rules))
@@ -189,7 +197,7 @@ def report(config, *, vocab_size: int, teacher_choice: str = 'auto',
   if batch_size % shards:
     raise UserError(f'batch size {batch_size} does not divide over the {shards} batch shards '
                      f'of mesh {dict(mesh.shape)}')
-  config_lib.validate(config, 1, 1)  # the other cross-field checks of a run
+  config_lib.validate(config, shards, 1)  # the other cross-field checks of a run
   teacher, which = None, None
   if tasks_lib.needs_teacher(config):
     teacher, which = make_abstract_teacher(config, mesh, vocab_size, teacher_choice)
@@ -256,12 +264,36 @@ def format_report(r: dict) -> str:
   return '\n'.join(lines)
 
 
+def fits(peak_bytes: float) -> tuple[list[str], list[str]]:
+  """(chips of HBM_GIB whose HBM holds `peak_bytes`, the others), smallest HBM first."""
+  chips = sorted(HBM_GIB, key=HBM_GIB.get)
+  yes = [c for c in chips if peak_bytes <= HBM_GIB[c] * 2**30]
+  return yes, [c for c in chips if c not in yes]
+
+
+def format_fit_table(rows: list[tuple[int, dict]]) -> str:
+  """rows: (micro-batches, report) -> the peak per device against HBM_GIB."""
+  lines = [f"{'micro-batches':>13s} {'per micro-batch':>15s} {'peak/device':>12s}  fits "
+           f"(HBM GiB: {', '.join(f'{c} {g}' for c, g in HBM_GIB.items())})"]
+  for micro, r in rows:
+    yes, no = fits(r['xla_peak_bytes'])
+    lines.append(f"{micro:>13d} {r['batch_size'] // micro:>15d} "
+                 f"{_fmt_bytes(r['xla_peak_bytes']):>12s}  {', '.join(yes) or 'none'}"
+                 + (f"; not {', '.join(no)}" if no else ''))
+  return '\n'.join(lines)
+
+
 def main() -> None:
   import jax  # lazy: XLA_FLAGS first
   config = FLAGS.config
   if jax.device_count() != FLAGS.devices:
     raise UserError(f'asked for {FLAGS.devices} devices, jax has {jax.device_count()} '
                     '(run this as `python -m clusterstm_jax.tools.compile_report`)')
+  try:
+    micro_counts = [int(m) for m in (FLAGS.microbatches or [config.microbatches])]
+  except ValueError:
+    raise UserError(f'--microbatches must be integers, got {FLAGS.microbatches}') from None
+  rows = []
   try:
     with config.unlocked():
       if FLAGS.mesh:
@@ -270,11 +302,18 @@ def main() -> None:
         config.sharding_rules = FLAGS.rules
     vocab_size, source = resolve_vocab_size(config, FLAGS.vocab_size)
     logging.info('vocab size %d from %s', vocab_size, source)
-    r = report(config, vocab_size=vocab_size, teacher_choice=FLAGS.teacher,
-               batch_size=FLAGS.batch_size)
+    for micro in micro_counts:
+      with config.unlocked():
+        config.microbatches = micro
+        if FLAGS.batch_size:
+          config.batch_size = FLAGS.batch_size
+      r = report(config, vocab_size=vocab_size, teacher_choice=FLAGS.teacher)
+      print(f'--- microbatches={micro} (dtype {config.dtype}, remat {config.remat})')
+      print(format_report(r), flush=True)
+      rows.append((micro, r))
   except ValueError as e:  # a mesh or batch that does not divide, a teacher that does not fit
     raise UserError(str(e)) from e
-  print(format_report(r))
+  print(format_fit_table(rows))
 
 
 if __name__ == '__main__':

@@ -89,7 +89,9 @@ def test_vit_shapes_and_images(vit_setup):
   keep = jnp.asarray(np.tile([[0, 2, 5]], (2, 2, 1)), jnp.int32)
   tokens, aux = model.apply(params, video, keep)
   assert tokens.shape == (2, 2, 3, 32) and tokens.dtype == jnp.float32
-  assert aux["patches"].shape == (2, 2, 6, 32) and aux["encoder_input"].shape == (2, 2, 3, 32)
+  assert "patches" not in aux and aux["encoder_input"].shape == (2, 2, 3, 32)
+  _, aux = model.apply(params, video)
+  assert aux["patches"].shape == (2, 2, 6, 32)
   # T = 1 (images): positions are those of a video's first frame.
   img_tokens, img_aux = model.apply(params, video[:, :1])
   assert img_tokens.shape == (2, 1, 6, 32)
@@ -114,6 +116,31 @@ def test_vit_keep_idx_gathers_position_embedded_patches(vit_setup):
   np.testing.assert_allclose(aux_all["patches"], want_all, atol=1e-4)
   want_keep = np.take_along_axis(want_all, keep[..., None], axis=2)
   np.testing.assert_allclose(aux_keep["encoder_input"], want_keep, atol=1e-4)
+
+
+@pytest.mark.parametrize("posemb", ["sincos", "learn"])
+def test_vit_embeds_only_the_kept_patches_exactly(posemb):
+  """Gather the kept patches' pixels, then embed == embed every patch (the stride-p
+  convolution), add positions, then gather: to f32 rounding."""
+  model = vit.VideoViT("Pico/8", num_frames=2, image_size=IMG, depth=1, posemb=posemb)
+  video = jax.random.normal(jax.random.key(2), (2, 2, *IMG, 3))
+  params = nn.unbox(model.init(KEY, video))["params"]
+  if posemb == "learn":  # non-zero time positions, so that the test sees them
+    params = dict(params, time_embedding=jax.random.normal(KEY, (1, 2, 1, 32)))
+  keep = jnp.asarray(np.random.default_rng(1).permuted(
+      np.tile(np.arange(6), (2, 2, 1)), axis=-1)[..., :2], jnp.int32)
+  _, aux = model.apply({"params": params}, video, keep)
+  frames = video.reshape(4, *IMG, 3)
+  conv = jax.lax.conv_general_dilated(frames, params["embedding"]["kernel"], (8, 8), "VALID",
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                      precision=jax.lax.Precision.HIGHEST)
+  full = (conv + params["embedding"]["bias"]).reshape(2, 2, 6, 32)
+  if posemb == "sincos":
+    full = full + common.sincos_posemb_3d(2, 2, 3, 32)[None]
+  else:
+    full = full + params["pos_embedding"][:, None] + params["time_embedding"]
+  want = np.take_along_axis(np.asarray(full), np.asarray(keep)[..., None], axis=2)
+  np.testing.assert_allclose(aux["encoder_input"], want, rtol=1e-6, atol=1e-6)
 
 
 def test_vit_keep_all_equals_none_and_permutes(vit_setup):

@@ -23,6 +23,8 @@ def test_paper_config_values():
   assert tasks_base.grid(c) == (4, 14, 14)
   # UMT's mix: CC3M images alternating with WebVid videos, batches of the same size.
   assert (c.images.every, c.images.name, c.images.batch_size) == (2, 'cc3m', -1)
+  # The memory policy (docs/results.md, "Memory policy").
+  assert (c.dtype, c.remat, c.microbatches) == ('bfloat16', 'full', 1)
 
 
 def test_paper_train_step_compiles_on_cpu():
