@@ -38,6 +38,10 @@ from clusterstm_jax.metric_writer import MetricWriter
 from clusterstm_jax.models import clusterstm as clusterstm_lib
 
 
+# Row keys never prefixed with 'image/': wall-clock figures of the whole interval.
+_UNPREFIXED = ('examples_per_sec',)
+
+
 def run(config, workdir: str) -> dict:
   """Checks, trains a missing default teacher (its own run), then train_and_evaluate.
   SIGTERM/SIGINT stop it at a step boundary after saving (errors.Preempted)."""
@@ -232,11 +236,11 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   # steps are logged under 'image/' in rows of their own step, so the two losses never mix.
   pending = {}
   stop_at = total_steps if config.halt_at_step < 0 else min(config.halt_at_step, total_steps)
-  guard = _FiniteGuard(ckpt_dir)
+  guard = resilience.FiniteGuard(ckpt_dir)
   preemption = resilience.active()  # a signal stops the loop at a step boundary, after saving
   stopped = None
   sharding_lib.sync_processes('train:loop')  # all processes start stepping together
-  t_loop, first = time.perf_counter(), True
+  t_loop, first, start_times = time.perf_counter(), True, {}
   while step < stop_at:
     kind = step_kind(config, step, total_steps)
     if kind == 'image':
@@ -253,8 +257,10 @@ def _train_and_evaluate(config, workdir: str) -> dict:
       first = False
       logging.info('first step done %.1f s after the loop started (%.1f s since the run began)',
                    time.perf_counter() - t_loop, time.perf_counter() - t_start)
-      writer.write(step, {'time/first_step_s': time.perf_counter() - t_loop,
-                          'time/start_to_first_step_s': time.perf_counter() - t_start})
+      # Wall-clock figures ride on the next logged row (as examples_per_sec), so a relaunch
+      # adds no row of its own to metrics.jsonl.
+      start_times = {'time/first_step_s': time.perf_counter() - t_loop,
+                     'time/start_to_first_step_s': time.perf_counter() - t_start}
     bar.update(1)
     guard.add(step, metrics.pop('finite'))  # on device; fetched on log/checkpoint steps only
     pending['image' if kind == 'image' else 'video'] = (step, metrics)
@@ -269,9 +275,11 @@ def _train_and_evaluate(config, workdir: str) -> dict:
       pending = {}
       now = time.perf_counter()
       rows[-1][2]['examples_per_sec'] = examples / (now - t_last)  # both streams, unprefixed
+      rows[-1][2].update(start_times)
+      start_times = {}
       t_last, examples = now, 0
       for s, prefix, m in rows:
-        writer.write(s, {(prefix + k if k != 'examples_per_sec' else k): v
+        writer.write(s, {(k if k in _UNPREFIXED or k.startswith('time/') else prefix + k): v
                          for k, v in m.items()})
         if not prefix:
           bar.log(s, float(m['loss']), float(rows[-1][2]['examples_per_sec']))
@@ -313,42 +321,6 @@ def _train_and_evaluate(config, workdir: str) -> dict:
     tmp.replace(results_path)
   print_results(results, is_main)
   return results
-
-
-class _FiniteGuard:
-  """The train step's on-device `finite` flags (every metric and the params finite) since the
-  last check; `check` fetches them at once and stops the run on the first false one, before
-  that step's metrics are logged or its state saved, so every checkpoint holds finite values."""
-
-  def __init__(self, ckpt_dir: str):
-    self.ckpt_dir = ckpt_dir
-    self.flags, self.steps = [], []
-    self.last_ok = None  # the last step known finite
-
-  def add(self, step: int, flag) -> None:
-    self.flags.append(flag)
-    self.steps.append(step)
-
-  def check(self, manager, step: int) -> None:
-    bad = resilience.first_non_finite(self.flags, self.steps)
-    first_unchecked = self.steps[0] if self.steps else step
-    self.flags, self.steps = [], []
-    if bad is None:
-      self.last_ok = step
-      return
-    manager.wait_until_finished()
-    latest = manager.latest_step()
-    where = (f'the last checkpoint, step {latest} in {self.ckpt_dir}, is finite (rerunning '
-             'resumes from it and replays the same steps)' if latest is not None else
-             'no checkpoint was saved')
-    raise NonFiniteError(
-        f'non-finite loss, gradients or parameters at step {bad} (checked steps '
-        f'{first_unchecked}-{step}); nothing after step {bad - 1} was saved; {where}; lower '
-        'optax.lr or check the data')
-
-
-class NonFiniteError(UserError):
-  """A train step produced a non-finite value (see _FiniteGuard)."""
 
 
 def periodic_eval_due(config, step: int, total_steps: int) -> bool:

@@ -235,3 +235,39 @@ def first_non_finite(flags: list, steps: list[int]) -> int | None:
   ok = np.asarray(jax.device_get(flags)).astype(bool)
   bad = np.flatnonzero(~ok)
   return steps[int(bad[0])] if bad.size else None
+
+
+class FiniteGuard:
+  """The train step's on-device `finite` flags (every metric and the params finite) since the
+  last check; `check` fetches them at once and stops the run on the first false one, before
+  that step's metrics are logged or its state saved, so every checkpoint holds finite values."""
+
+  def __init__(self, ckpt_dir: str):
+    self.ckpt_dir = ckpt_dir
+    self.flags, self.steps = [], []
+    self.last_ok = None  # the last step known finite
+
+  def add(self, step: int, flag) -> None:
+    self.flags.append(flag)
+    self.steps.append(step)
+
+  def check(self, manager, step: int) -> None:
+    bad = first_non_finite(self.flags, self.steps)
+    first_unchecked = self.steps[0] if self.steps else step
+    self.flags, self.steps = [], []
+    if bad is None:
+      self.last_ok = step
+      return
+    manager.wait_until_finished()
+    latest = manager.latest_step()
+    where = (f'the last checkpoint, step {latest} in {self.ckpt_dir}, is finite (rerunning '
+             'resumes from it and replays the same steps)' if latest is not None else
+             'no checkpoint was saved')
+    raise NonFiniteError(
+        f'non-finite loss, gradients or parameters at step {bad} (checked steps '
+        f'{first_unchecked}-{step}); nothing after step {bad - 1} was saved; {where}; lower '
+        'optax.lr or check the data')
+
+
+class NonFiniteError(UserError):
+  """A train step produced a non-finite value (see FiniteGuard)."""

@@ -62,7 +62,7 @@ def check_tokenizer(data_config) -> None:
   one (the export's EXPORT/tokenizer.model when fine-tuning or evaluating an export)."""
   if data_config.tokenizer:
     Tokenizer(os.path.expanduser(data_config.tokenizer))
-  elif data_config.name != 'shapes':
+  elif data_config.name not in ('shapes', 'folder'):  # both train their own at build time
     raise UserError(f'dataset {data_config.name!r} needs config.data.tokenizer: the '
                     'sentencepiece .model of the model you start from (EXPORT/tokenizer.model; '
                     '--config.init=EXPORT sets it), see docs/datasets.md')
