@@ -95,14 +95,19 @@ def load_portable(export_dir: str, data_dir: str = ''):
   return config, jax.device_put(params, shardings), tokenizer, mesh
 
 
-def export_portable(workdir: str, out_dir: str | None, fmt: str) -> str:
-  """`export --format=safetensors|npz`: the latest checkpoint of a run as one weight file
-  (portable.py; default WORKDIR/export_<fmt>)."""
+def _latest_params(workdir: str):
+  """(run config, params) of the latest checkpoint of a training run."""
   ckpt_dir, step = checkpointing.resolve_checkpoint_path(os.path.join(workdir, 'checkpoints'))
   config = ml_collections.ConfigDict(checkpointing.restore_config(ckpt_dir, step))
   mesh = sharding_lib.make_mesh(config.mesh)
   tokenizer = pipeline.get_tokenizer(config.data)
-  params = restore_params(config, ckpt_dir, step, mesh, tokenizer.vocab_size)
+  return config, restore_params(config, ckpt_dir, step, mesh, tokenizer.vocab_size)
+
+
+def export_portable(workdir: str, out_dir: str | None, fmt: str) -> str:
+  """`export --format=safetensors|npz`: the latest checkpoint of a run as one weight file
+  (portable.py; default WORKDIR/export_<fmt>)."""
+  config, params = _latest_params(workdir)
   return portable.write(out_dir or os.path.join(workdir, f'export_{fmt}'), params, config,
                         pipeline.tokenizer_path(config.data), fmt)
 
@@ -112,12 +117,7 @@ def export_run(workdir: str, out_dir: str | None = None, *, overwrite: bool = Fa
   `out_dir` must be an export of ours, replaced only with `overwrite` (exports.check_out_dir)."""
   out_dir = out_dir or os.path.join(workdir, 'export')
   exports.check_out_dir(out_dir, overwrite=overwrite)  # before minutes of restoring
-  ckpt_dir = os.path.join(workdir, 'checkpoints')
-  ckpt_dir, step = checkpointing.resolve_checkpoint_path(ckpt_dir)
-  config = ml_collections.ConfigDict(checkpointing.restore_config(ckpt_dir, step))
-  mesh = sharding_lib.make_mesh(config.mesh)
-  tokenizer = pipeline.get_tokenizer(config.data)
-  params = restore_params(config, ckpt_dir, step, mesh, tokenizer.vocab_size)
+  config, params = _latest_params(workdir)
   return exports.write_export(out_dir, params, config, pipeline.tokenizer_path(config.data),
                               overwrite=overwrite)
 
