@@ -127,6 +127,27 @@ def move_aside(directory: str, step: int, reason: str, report: Callable = print)
   return str(dst)
 
 
+def _try_restore(manager, step, abstract_state, data_iter, image_iter):
+  """(state, None), or (None, reason) when step `step` is unreadable; a step that holds another
+  model or lacks the image stream's position is a user error (raised), not a corruption."""
+  try:
+    mismatch = _shape_mismatch(manager, step, abstract_state)
+  except Exception as e:  # pylint: disable=broad-except -- unreadable metadata: corrupt
+    error = e
+  else:
+    if mismatch:
+      raise CheckpointError(
+          f'checkpoint step {step} in {manager.directory} holds another model ({mismatch}): the '
+          'config changed since it was written; use another workdir, or the original config')
+    try:
+      return restore(manager, step, abstract_state, data_iter, image_iter=image_iter), None
+    except CheckpointError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except -- any failure to read it: corrupt
+      error = e
+  return None, ' '.join(f'{type(error).__name__}: {error}'.split())[:200]
+
+
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, data_iter=None, *,
                    image_iter=None, reopen: Callable[[], ocp.CheckpointManager],
                    report: Callable = print):
@@ -138,23 +159,9 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, data_ite
     step = manager.latest_step()
     if step is None:
       return manager, None
-    try:
-      mismatch = _shape_mismatch(manager, step, abstract_state)
-    except Exception as e:  # pylint: disable=broad-except -- unreadable metadata: corrupt
-      mismatch, error = None, e
-    else:
-      error = None
-      if mismatch:
-        raise CheckpointError(
-            f'checkpoint step {step} in {directory} holds another model ({mismatch}): the config '
-            'changed since it was written; use another workdir, or the original config')
-      try:
-        return manager, restore(manager, step, abstract_state, data_iter, image_iter=image_iter)
-      except CheckpointError:
-        raise
-      except Exception as e:  # pylint: disable=broad-except -- any failure to read it: corrupt
-        error = e
-    reason = ' '.join(f'{type(error).__name__}: {error}'.split())[:200]
+    state, reason = _try_restore(manager, step, abstract_state, data_iter, image_iter)
+    if reason is None:
+      return manager, state
     if jax.process_index() == 0:
       manager.close()
       move_aside(directory, step, reason, report)
@@ -162,6 +169,27 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, data_ite
       from jax.experimental import multihost_utils  # lazy: multi-process runs only
       multihost_utils.sync_global_devices(f'checkpoint:moved_aside:{step}')
     manager = reopen()
+
+
+def restore_given(path: str, abstract_state: Any, data_iter=None, *, image_iter=None,
+                  report: Callable = print) -> tuple[Any, str, int]:
+  """(state, dir, step) from `config.resume`: a step directory restores or is a one-line error;
+  a run's checkpoint directory gives its newest step that restores (the ones that do not are
+  named in a warning and left where they are: the directory is not this run's)."""
+  directory, latest = resolve_checkpoint_path(path)
+  manager = make_manager(directory, read_only=True, async_save=False,
+                         with_image_data=image_iter is not None)
+  given_step = epath.Path(path.rstrip('/')).name.isdigit()
+  steps = [latest] if given_step else sorted(manager.all_steps(), reverse=True)
+  for step in steps:
+    state, reason = _try_restore(manager, step, abstract_state, data_iter, image_iter)
+    if reason is None:
+      return state, directory, step
+    if given_step:
+      raise CheckpointError(f'resume={path}: checkpoint step {step} does not restore ({reason})')
+    report(f'warning: resume={path}: checkpoint step {step} does not restore ({reason}); '
+           'trying the previous one')
+  raise CheckpointError(f'resume={path}: no checkpoint there restores')
 
 
 def restore_config(directory: str, step: int | None = None) -> dict:

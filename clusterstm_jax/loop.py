@@ -204,11 +204,10 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   if state is not None:
     logging.info('resumed from %s step %d', ckpt_dir, int(state['step']))
   elif config.resume:
-    rdir, rstep = checkpointing.resolve_checkpoint_path(config.resume)
-    logging.info('resuming from %s step %d', rdir, rstep)
-    state = checkpointing.restore(checkpointing.make_manager(
-        rdir, read_only=True, async_save=False, with_image_data=image_iter is not None),
-                                  rstep, abstract, train_iter, image_iter=image_iter)
+    state, rdir, rstep = checkpointing.restore_given(
+        config.resume, abstract, train_iter, image_iter=image_iter,
+        report=lambda line: print(line, file=sys.stderr) if is_main else None)
+    logging.info('resumed from %s step %d (config.resume)', rdir, rstep)
   else:
     state = trainer.init_state(jax.random.key(config.seed))
     if config.init:  # a whole exported model (ours): fine-tuning, continued pretraining

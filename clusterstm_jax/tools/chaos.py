@@ -1,18 +1,20 @@
 r"""Fault injection: a training command killed (-9, TERM, INT) at random moments and its latest
 checkpoint corrupted, N times, then run to the end and compared with an uninterrupted run.
 
-  python -m clusterstm_jax.tools.chaos --out=DIR [--faults=30] [--seed=0]
-      [--train_args='--config=configs/pretrain.py:smoke,mask=random --config.loss_weights.mrm=0']
+  python -m clusterstm_jax.tools.chaos --out=DIR [--faults=33] [--seed=0] [--train_args=...]
 
 Runs `python -m clusterstm_jax.train TRAIN_ARGS` in DIR/reference without faults (its data and
-teacher under DIR/reference too, so start-up, dataset build and teacher phases are hit), then the
-same in DIR/chaos, where fault i is, in turn: kill -9, SIGTERM, SIGINT at a random moment of the
-reference's duration, or a corruption of the latest checkpoint (truncated array file, missing
+teacher under DIR/reference too), then the same in DIR/chaos, where the faults are: when the run
+trains its teacher first (the default arguments: the smoke config), a kill in each phase before
+the student's first step (dataset build, teacher training x3 with kill -9/TERM/INT, teacher
+export); then, in turn, kill -9, SIGTERM, SIGINT at start-up, a training step, right after a
+checkpoint save and (the last one) the final evaluation, or a corruption of the latest checkpoint (truncated array file, missing
 manifest.ocdbt, garbage _METADATA, garbage data/*.json, removed state/ or data/, a stray empty
 step directory) between two runs. Per fault it records the phase it hit, the exit status and the
 steps lost (the last logged step minus the checkpoint the next run resumes from). At the end the
 chaos run is completed and compared with the reference: every metrics.jsonl row (all keys but
-examples_per_sec, time/*) and the final table must be bitwise equal, with no step logged twice.
+examples_per_sec, time/*) of the student and the teacher and the final table must be bitwise
+equal, with no step logged twice.
 Prints a table (markdown) and exits 1 if any check fails.
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ import glob
 import json
 import os
 import random
+import re
 import shlex
 import shutil
 import signal
@@ -36,11 +39,12 @@ from clusterstm_jax.errors import EXIT_PREEMPTED, UserError
 FLAGS = flags.FLAGS
 flags.DEFINE_string('out', None, 'Directory for the two runs (created; must not exist).',
                     required=True)
-flags.DEFINE_integer('faults', 30, 'How many faults to inject.')
+flags.DEFINE_integer('faults', 33, 'How many faults to inject.')
 flags.DEFINE_integer('seed', 0, 'Random moments.')
-flags.DEFINE_string('train_args', '--config=configs/pretrain.py:smoke,mask=random '
-                    '--config.loss_weights.mrm=0 --config.total_steps=40 '
-                    '--config.checkpoint_every_steps=5 --config.log_every_steps=1',
+flags.DEFINE_string('train_args', '--config=configs/pretrain.py:smoke '
+                    '--config.teacher.config=configs/teacher.py:smoke,steps=12 '
+                    '--config.total_steps=60 --config.checkpoint_every_steps=5 '
+                    '--config.log_every_steps=1',
                     'Arguments of `python -m clusterstm_jax.train` (a --workdir and the data and '
                     'teacher dirs are added).')
 flags.DEFINE_integer('timeout', 1800, 'Seconds one run may take.')
@@ -91,12 +95,18 @@ def _steps(ckpt_dir):
   return sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())
 
 
-def _rows(workdir):
-  path = os.path.join(workdir, 'run', 'metrics.jsonl')
+def _rows(workdir, run='run'):
+  path = os.path.join(workdir, run, 'metrics.jsonl')
   if not os.path.exists(path):
     return []
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def _finished_dataset(workdir) -> bool:
+  # TFDS builds into a `<version>.incomplete*` directory and renames it to `<version>` when done.
+  return any(re.fullmatch(r'\d+\.\d+\.\d+', os.path.basename(p))
+             for p in glob.glob(os.path.join(workdir, 'data', '*', '*', '*')))
 
 
 def _phase(workdir, total, start_step):
@@ -111,10 +121,12 @@ def _phase(workdir, total, start_step):
     return 'training'
   if os.path.isdir(os.path.join(run, 'checkpoints')):
     return 'start-up (restore, compile)'
+  if os.path.isdir(os.path.join(workdir, 'data')) and not _finished_dataset(workdir):
+    return 'dataset build'  # (the teacher's run, when there is one, builds it)
   if os.path.isdir(teacher) and not os.path.exists(os.path.join(teacher, 'export', 'config.json')):
-    return 'teacher'
-  if not glob.glob(os.path.join(workdir, 'data', 'shapes', '*', '[0-9]*')):
-    return 'dataset build'
+    if os.path.exists(os.path.join(teacher, 'results.json')):
+      return 'teacher export'
+    return 'teacher training' if _rows(workdir, 'teacher') else 'teacher start-up'
   return 'start-up'
 
 
@@ -143,56 +155,80 @@ def _comparable(rows):
           for r in rows]
 
 
-def schedule(n: int, rng: random.Random) -> list[tuple[str, str]]:
-  """(fault, moment) for n faults: signals cycle kill -9, SIGTERM, SIGINT; every 4th fault is a
-  corruption (cycling the kinds); the moments cycle start-up, a random training step, right
-  after a checkpoint save; the last signal hits the final evaluation (nothing after it)."""
-  out, moments = [], ('start-up', 'training', 'after a save', 'training')
-  for i in range(n):
+# Faults aimed at the phases before the student's first step, while they exist (a run that
+# trains its teacher first): the dataset build, the teacher's training and its export.
+EARLY = (('kill -9', 'dataset build'), ('SIGTERM', 'teacher training'),
+         ('SIGINT', 'teacher training'), ('kill -9', 'teacher training'),
+         ('kill -9', 'teacher export'))
+
+
+def schedule(n: int, rng: random.Random, *, early: bool = False) -> list[tuple[str, str]]:
+  """(fault, moment) for n faults: first EARLY when `early` (the run trains a teacher); then
+  signals cycle kill -9, SIGTERM, SIGINT; every 4th fault is a corruption (cycling the kinds);
+  the moments cycle start-up, a training step, right after a checkpoint save; the last signal
+  hits the final evaluation (nothing after it)."""
+  out = list(EARLY[:n]) if early else []
+  moments = ('start-up', 'training', 'after a save', 'training')
+  for i in range(n - len(out)):
     if i % 4 == 3:
       out.append((list(CORRUPTIONS)[(i // 4) % len(CORRUPTIONS)], 'between runs'))
     else:
       out.append((KILLS[i % 3], moments[i % len(moments)]))
-  signals = [j for j, (k, _) in enumerate(out) if k in KILLS]
+  signals = [j for j, (k, _) in enumerate(out) if k in KILLS and j >= len(EARLY) * early]
   for j in signals[-1:] if n >= 6 else []:
     out[j] = (out[j][0], 'final evaluation')
   del rng
   return out
 
 
-def _logged(workdir) -> int:
-  return max([r['step'] for r in _rows(workdir) if 'loss' in r] or [0])
+def _logged(workdir, run='run') -> int:
+  return max([r['step'] for r in _rows(workdir, run) if 'loss' in r] or [0])
+
+
+def _reached(target, chaos, total, start, t0, goal, early_s) -> bool:
+  """Whether the moment `target` has come (`start`: the student's and the teacher's logged step
+  and the student's checkpoints when this start began)."""
+  now = _logged(chaos)
+  if target == 'start-up':
+    return time.time() - t0 >= early_s
+  if target == 'training':
+    return now >= min(goal, total - 1)
+  if target == 'after a save':
+    return bool(set(_steps(os.path.join(chaos, 'run', 'checkpoints'))) - start['ckpts'])
+  if target == 'final evaluation':
+    return now >= total
+  if target == 'teacher training':  # a teacher step done in this start
+    return _logged(chaos, 'teacher') > start['teacher'] and \
+        _phase(chaos, total, start['run']) == 'teacher training'
+  return _phase(chaos, total, start['run']) == target  # dataset build, teacher export
 
 
 def _kill(i, kind, target, chaos, total, rng, log):
   """Starts the run and sends `kind` at `target`; returns the table row."""
-  ckpts = os.path.join(chaos, 'run', 'checkpoints')
-  start_step, start_ckpts = _logged(chaos), set(_steps(ckpts))
-  step_goal = rng.randint(start_step + 1, max(start_step + 1, total - 2))
-  early = rng.uniform(2.0, 20.0)
+  start = {'run': _logged(chaos), 'teacher': _logged(chaos, 'teacher'),
+           'ckpts': set(_steps(os.path.join(chaos, 'run', 'checkpoints')))}
+  # A few steps on: every training fault leaves steps for the next ones.
+  goal = start['run'] + rng.randint(1, 4)
+  early_s = rng.uniform(2.0, 20.0)
   proc = _start(chaos, log)
   t0 = time.time()
   while proc.poll() is None and time.time() - t0 < FLAGS.timeout:
-    now = _logged(chaos)
-    if target == 'start-up' and time.time() - t0 >= early:
-      break
-    if target == 'training' and now >= min(step_goal, total - 1):
-      break
-    if target == 'after a save' and set(_steps(ckpts)) - start_ckpts:
-      break
-    if target == 'final evaluation' and now >= total:
-      time.sleep(rng.uniform(0.0, 1.0))
+    if _reached(target, chaos, total, start, t0, goal, early_s):
+      if target in ('final evaluation', 'dataset build'):
+        time.sleep(rng.uniform(0.0, 1.0))
       break
     time.sleep(0.02)
   if proc.poll() is not None:
     return (i, kind, target, 'ended before the fault', proc.returncode, '-')
-  phase = _phase(chaos, total, start_step)
+  phase = _phase(chaos, total, start['run'])
   if kind == 'kill -9':
     os.killpg(proc.pid, signal.SIGKILL)  # the whole group: no builder worker survives
   else:
     proc.send_signal(SIGNALS[kind])
   rc = proc.wait(timeout=FLAGS.timeout)
-  logged, saved = _logged(chaos), max(_steps(ckpts) or [0])  # log_every_steps=1: the step reached
+  run = 'teacher' if phase.startswith('teacher') else 'run'
+  # log_every_steps=1: the step reached, minus the checkpoint the next start resumes from.
+  logged, saved = _logged(chaos, run), max(_steps(os.path.join(chaos, run, 'checkpoints')) or [0])
   return (i, kind, target, phase, rc, logged - saved)
 
 
@@ -260,7 +296,8 @@ def main() -> None:
 
   table = _Table()
   log = open(os.path.join(out, 'chaos.log'), 'w')
-  for i, (kind, target) in enumerate(schedule(FLAGS.faults, rng)):
+  early = os.path.isdir(os.path.join(ref, 'teacher'))  # the run trains its teacher first
+  for i, (kind, target) in enumerate(schedule(FLAGS.faults, rng, early=early)):
     log.write(f'\n===== fault {i}: {kind} at {target}\n')
     log.flush()
     if kind in CORRUPTIONS:
@@ -271,6 +308,7 @@ def main() -> None:
   log.close()
 
   a, b = _rows(ref), _rows(chaos)
+  teacher_equal = _comparable(_rows(ref, 'teacher')) == _comparable(_rows(chaos, 'teacher'))
   train_steps = [r['step'] for r in b if 'loss' in r]
   no_dups = len(train_steps) == len(set(train_steps))
   rows_equal = _comparable(a) == _comparable(b)
@@ -283,12 +321,14 @@ def main() -> None:
   print('|---|---|---|---|---|---|')
   for row in table:
     print('| ' + ' | '.join(str(x) for x in row) + ' |')
-  signal_lost = [r for r in table if r[1] in ('SIGTERM', 'SIGINT') and r[3] == 'training'
+  signal_lost = [r for r in table if r[1] in ('SIGTERM', 'SIGINT')
+                 and r[3] in ('training', 'teacher training')
                  and (r[5] != 0 or r[4] != EXIT_PREEMPTED)]
   print(f'\nfinal run exit {rc}; metrics.jsonl rows {len(b)} (reference {len(a)}), duplicates: '
         f'{"none" if no_dups else "YES"}; rows bitwise equal: {rows_equal}; final table equal: '
-        f'{tables_equal}; SIGTERM/SIGINT during training that lost steps: {len(signal_lost)}')
-  if not (rc == 0 and no_dups and rows_equal and tables_equal and not signal_lost):
+        f'{tables_equal}; teacher rows equal: {teacher_equal}; SIGTERM/SIGINT during training that lost steps: {len(signal_lost)}')
+  if not (rc == 0 and no_dups and rows_equal and tables_equal and teacher_equal
+          and not signal_lost):
     sys.exit(1)
 
 

@@ -129,6 +129,34 @@ def test_stray_empty_step_directory_is_moved_aside(shared_smoke, halted, tmp_pat
   assert os.path.isdir(os.path.join(workdir, 'checkpoints_unreadable', '8'))
 
 
+def test_resume_from_another_run_skips_its_unreadable_steps(shared_smoke, straight, halted,
+                                                              tmp_path, capsys):
+  """config.resume = a run's checkpoint dir: its newest step that restores, the others named
+  and left in place (not this run's files); a given step that does not restore is an error."""
+  source = str(tmp_path / 'source')
+  shutil.copytree(halted, source)
+  ckpts = os.path.join(source, 'checkpoints')
+  CORRUPTIONS['truncated_array_file'](ckpts)
+  before = sorted(os.listdir(source))
+  workdir = str(tmp_path / 'w')
+  assert loop.run(config(shared_smoke.data_dir, halt_at_step=6, resume=ckpts), workdir)['step'] == 6
+  assert f'resume={ckpts}: checkpoint step 6 does not restore' in capsys.readouterr().err
+  assert sorted(os.listdir(source)) == before and sorted(os.listdir(ckpts)) == ['2', '4', '6']
+  a, b = rows(straight[0]), rows(workdir)
+  assert sorted(b) == [5, 6] and all(a[s] == b[s] for s in b)  # from step 4: 5 and 6 replayed
+  with pytest.raises(UserError, match=r'checkpoint step 6 does not restore \(') as e:
+    loop.run(config(shared_smoke.data_dir, resume=os.path.join(ckpts, '6')), str(tmp_path / 'x'))
+  assert '\n' not in str(e.value)
+
+
+def test_keep_period_keeps_sparse_old_checkpoints(shared_smoke, straight, tmp_path):
+  workdir = str(tmp_path / 'w')
+  cfg = config(shared_smoke.data_dir, halt_at_step=12, keep_checkpoints=2, keep_period=4)
+  assert loop.run(cfg, workdir)['step'] == 12
+  # every 2 steps saved; the 2 newest kept, and every multiple of 4 kept out of rotation
+  assert sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints'))) == [4, 8, 10, 12]
+
+
 def test_changed_model_is_an_error_not_a_corrupt_checkpoint(shared_smoke, halted, tmp_path):
   workdir = str(tmp_path / 'w')
   shutil.copytree(halted, workdir)
