@@ -4,7 +4,8 @@
 # the config. The run resumes by itself from the workdir's latest checkpoint. On a healthy
 # slice where nothing runs yet it installs and starts the run, so this one command also brings
 # a run up from nothing. A run that exits 75 (it stopped on SIGTERM/SIGINT after saving a
-# checkpoint at its current step) is resumed at once. Exits 0 when the run finishes, 1 when it
+# checkpoint at its current step), or 130/143 (the signal came during its imports) is resumed
+# at once. Exits 0 when the run finishes, 1 when it
 # crashes on a healthy slice (last log lines shown), 2 after --max-relaunches relaunches.
 #
 #   launch/watch.sh --name=NAME --zone=ZONE --accelerator-type=TYPE --version=RUNTIME
@@ -52,9 +53,11 @@ while :; do
         running) crash_seen=0 ;;
         none) if ! relaunch "$state"; then log "relaunch failed; trying again at the next check"; fi ;;
         exited:0) log "the run on $NAME finished; delete the slice with launch/delete.sh"; exit 0 ;;
-        exited:75)  # SIGTERM/SIGINT: it saved a checkpoint at its current step; resume it
+        exited:75 | exited:130 | exited:143)
+          # 75: SIGTERM/SIGINT, and it saved a checkpoint at its current step. 130/143: the
+          # signal came while it was still starting (importing), before it had anything to save.
           crash_seen=0
-          log "the run on $NAME stopped on a signal after saving (exit 75); resuming it"
+          log "the run on $NAME stopped on a signal (exit ${status#exited:}); resuming it"
           if ! relaunch "$state"; then log "relaunch failed; trying again at the next check"; fi ;;
         exited:*)
           if ((crash_seen)); then

@@ -372,11 +372,13 @@ def test_shellcheck():
   assert out.returncode == 0, out.stdout + out.stderr
 
 
-def test_watch_resumes_a_run_that_stopped_on_a_signal(env):
+@pytest.mark.parametrize("code", ["75", "143", "130"])
+def test_watch_resumes_a_run_that_stopped_on_a_signal(env, code):
+  # 75: errors.EXIT_PREEMPTED (saved, resume me); 143/130: a signal during the imports
   _states(env, "READY")
-  env = {**env, "FAKE_TRAIN_EXIT": "75"}  # errors.EXIT_PREEMPTED: saved, resume me
+  env = {**env, "FAKE_TRAIN_EXIT": code}
   out = launch("watch.sh", *SCOPE, *SLICE, f"--workdir={WORKDIR}", "--interval=0",
                "--max-relaunches=2", "--repo=https://example.com/r.git", env=env)
   assert out.returncode == 2 and "gave up after 2 relaunches" in out.stderr, out.stderr
-  assert "stopped on a signal after saving (exit 75); resuming it" in out.stderr
+  assert f"stopped on a signal (exit {code}); resuming it" in out.stderr
   assert "on a healthy slice" not in out.stderr  # never taken for a crash
