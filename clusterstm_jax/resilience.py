@@ -27,6 +27,7 @@ import time
 import jax
 import numpy as np
 
+from clusterstm_jax import interrupts
 from clusterstm_jax.errors import Preempted, UserError
 
 
@@ -169,6 +170,8 @@ class Preemption:
     signums = [signal.SIGINT] + ([signal.SIGTERM] if jax.process_count() == 1 else [])
     for signum in signums:
       self._previous[signum] = signal.signal(signum, self._handle)
+    if interrupts.PENDING and self.signal_name is None:  # came while the program was importing
+      self.signal_name = interrupts.PENDING[0]
     return self
 
   def uninstall(self) -> None:

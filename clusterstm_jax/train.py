@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import os
 
-import jax
-from absl import flags
+from clusterstm_jax import interrupts
 
-from clusterstm_jax import cli
-from clusterstm_jax import loop
+interrupts.install_early()  # before the imports below (seconds): a signal then is not lost
+
+# pylint: disable=wrong-import-position
+import jax  # noqa: E402
+from absl import flags  # noqa: E402
+
+from clusterstm_jax import cli  # noqa: E402
+from clusterstm_jax import loop  # noqa: E402
 
 FLAGS = flags.FLAGS
 cli.define_config()

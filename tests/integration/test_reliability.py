@@ -89,6 +89,23 @@ def test_signal_saves_the_current_step_then_exact_resume(shared_smoke, straight,
   assert all(a[s] == b[s] for s in a), [(s, a[s], b[s]) for s in a if a[s] != b[s]]
 
 
+def test_signal_during_the_imports_stops_at_the_first_step_after_saving(shared_smoke, tmp_path):
+  workdir = tmp_path / 'w'
+  args = ['-m', 'clusterstm_jax.train', '--config=configs/pretrain.py:smoke,mask=random',
+          '--config.loss_weights.mrm=0', f'--config.data.data_dir={shared_smoke.data_dir}',
+          f'--workdir={workdir}'] + [f'--config.{k}={v}' for k, v in RUN.items()]
+  proc = subprocess.Popen([sys.executable, *args], cwd=helpers.REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  time.sleep(1.5)  # importing jax, flax, grain...: seconds; the package itself: milliseconds
+  assert not (workdir / 'config.json').exists()  # still starting
+  proc.send_signal(signal.SIGINT)
+  _, stderr = proc.communicate(timeout=600)
+  assert proc.returncode == EXIT_PREEMPTED, stderr[-3000:]
+  assert 'SIGINT received while starting' in stderr and 'Traceback' not in stderr
+  assert sorted(rows(str(workdir))) == [1]
+  assert os.listdir(workdir / 'checkpoints') == ['1']
+
+
 def _biggest(pattern):
   return max(glob.glob(pattern, recursive=True), key=os.path.getsize)
 
