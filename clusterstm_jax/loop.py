@@ -227,6 +227,10 @@ def _train_and_evaluate(config, workdir: str) -> dict:
 
   # --- loop ---
   writer = MetricWriter(workdir, start_step=step)  # rows of replayed steps are replaced
+  if is_main and results_path.exists():
+    # From a later state than this resume (its checkpoint was unreadable): the final evaluation
+    # row went with the replaced rows, so the results are recomputed by this run's final eval.
+    results_path.unlink()
   base_key = jax.random.key(config.seed + 1)
   bar = progress_lib.Progress(total_steps, step, enabled=is_main)
   t_last, examples = time.perf_counter(), 0

@@ -214,6 +214,20 @@ def test_rerun_after_a_stop_during_final_eval_keeps_final_train_loss(shared_smok
   assert len(evals) == 1 and rows(workdir) == rows(straight[0])
 
 
+def test_finished_run_whose_last_checkpoint_breaks_evaluates_again(shared_smoke, straight,
+                                                                  tmp_path):
+  """The final checkpoint unreadable: the rerun replays from the one before, and a stop during
+  the replay leaves no stale results.json that would skip the final evaluation's row."""
+  workdir = str(tmp_path / 'w')
+  shutil.copytree(straight[0], workdir)
+  os.truncate(_biggest(f'{workdir}/checkpoints/{STEPS}/state/**/d/*'), 100)
+  assert loop.run(config(shared_smoke.data_dir, halt_at_step=STEPS - 1), workdir)['halted']
+  assert not os.path.exists(os.path.join(workdir, 'results.json'))
+  assert loop.run(config(shared_smoke.data_dir), workdir) == straight[1]
+  evals = [r for r in helpers.metrics_rows(workdir) if any(k.startswith('eval/') for k in r)]
+  assert len(evals) == 1 and rows(workdir) == rows(straight[0])
+
+
 def test_workdir_lock(shared_smoke, tmp_path, capsys):
   workdir = str(tmp_path / 'w')
   holder = subprocess.Popen(
