@@ -175,10 +175,13 @@ def _train_and_evaluate(config, workdir: str) -> dict:
       config, text=tasks_lib.TextSpec.from_tokenizer(tokenizer), mesh=mesh,
       total_steps=total_steps, warmup_steps=warmup_steps, teacher=teacher)
 
+  # With a teacher, batches also carry the captions in the teacher's own ids (its tokenizer).
+  teacher_text = teacher.text_stream if teacher is not None else None
   train_loader = pipeline.make_train_loader(
       config.data, tokenizer, global_batch_size=config.batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      decode=trainer.task.decode, source=train_source)  # QA batches add questions, answers
+      decode=trainer.task.decode, source=train_source,  # QA batches add questions, answers
+      teacher_text=teacher_text)
   train_iter = iter(train_loader)
   image_iter = None
   if image_every:
@@ -187,7 +190,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
     image_iter = iter(pipeline.make_train_loader(
         image_config, tokenizer, global_batch_size=config_lib.image_batch_size(config),
         seed=(config.seed + 1) % 2**32, process_index=jax.process_index(),
-        process_count=jax.process_count(), examples='records'))
+        process_count=jax.process_count(), examples='records', teacher_text=teacher_text))
 
   # --- restore: own workdir -> config.resume -> config.init -> scratch ---
   ckpt_dir = os.path.join(workdir, 'checkpoints')

@@ -70,6 +70,13 @@ def get_config(arg=None):
   config.teacher.init = ''
   config.teacher.model = ml_collections.ConfigDict(dict(
       vision_variant='B/16', text_variant='B', vocab_size=32000, text_len=64, out_dim=None))
+  # The teacher's own tokenizer: batches carry `teacher_text`, the captions in its ids, at its
+  # text tower's length; MRM's text feature is computed from those. model: a SentencePiece
+  # .model; '' = the teacher export's (shapes: the student's, so the ids are the same). bos /
+  # pad / canonicalize: our layout ([CLS] first, pad 0); a public SigLIP's is bos=False,
+  # pad='eos', canonicalize=True (lower case, no punctuation; data/tokenizer.py).
+  config.teacher.tokenizer = ml_collections.ConfigDict(dict(
+      model='', bos=True, pad='pad', canonicalize=False))
 
   # Masked relevance modelling: teacher MAP head over k x k windows x teacher text feature.
   # standardize: the target is standardised per clip (the raw cosines vary by ~0.03 inside a

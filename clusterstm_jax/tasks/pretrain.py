@@ -140,7 +140,12 @@ def build(config, text: base.TextSpec, teacher=None, *, name: str = 'clusterstm'
     if use_mrm:
       k = config.mrm.window
       pooled = teacher.relevance_tokens(teacher_params, features, (h, w), k)
-      text_emb = jax.lax.stop_gradient(teacher.text_embedding(teacher_params, ids))
+      if 'teacher_text' not in batch:
+        raise ValueError("MRM needs the batch's 'teacher_text' (the caption in the teacher's own "
+                         'ids): make_train_loader(teacher_text=teacher.text_stream)')
+      # The teacher's text tower reads its own ids (its tokenizer), never the student's.
+      text_emb = jax.lax.stop_gradient(teacher.text_embedding(teacher_params,
+                                                              batch['teacher_text']))
       in_batch = config.mrm.in_batch
       target = losses.relevance_target(pooled, text_emb, in_batch=in_batch)
       decoded = apply(tokens, mask.keep_idx, (t, h, w), train=True, method=model.decode)
@@ -168,6 +173,8 @@ def build(config, text: base.TextSpec, teacher=None, *, name: str = 'clusterstm'
   return base.Task(name=name, model=model, init_inputs=inputs, loss_fn=loss_fn,
                    encode_video=predict['embed_video'], encode_text=predict['embed_text'],
                    unmasked_loss_fn=functools.partial(loss_fn, unmasked=True),
-                   dummy_batch=functools.partial(base.video_batch, config),
+                   dummy_batch=functools.partial(
+                       base.video_batch, config,
+                       teacher_text_len=teacher.model.text_len if teacher is not None else 0),
                    predict_fns=predict, takes_images=takes_images,
                    project_params=clusterstm_lib.clamp_temperature)
