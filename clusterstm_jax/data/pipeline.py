@@ -276,6 +276,9 @@ def default_image_config() -> ml_collections.ConfigDict:
       "builder_config": "",  # '' = config.data's when it is the same dataset, else 'default'
       "split": "train",
       "batch_size": -1,  # global; -1 = config.batch_size
+      # The masked fraction of an image's tokens; -1 = config.mask.ratio (UMT masks images
+      # less than videos: one frame holds less redundancy than four).
+      "mask_ratio": -1.0,
   })
 
 

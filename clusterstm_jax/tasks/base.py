@@ -92,3 +92,5 @@ class Task:
   project_params: Callable | None = None
   # Whether an image stream (T = 1 batches, config.images) can train this task.
   takes_images: bool = False
+  # The loss of the image stream's steps when it differs from loss_fn (e.g. another mask ratio).
+  image_loss_fn: Callable | None = None
