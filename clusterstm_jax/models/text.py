@@ -16,6 +16,7 @@ import os
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -196,8 +197,19 @@ def load(path: str | os.PathLike, params_template, *, model: TextEncoder | None 
                               f"'[bert.]embeddings.word_embeddings.weight'")
   _check_bert_arch(src, model)
   out = cio.Converted(src, cio.template_shapes(params_template))
+  template = cio.flatten(nn.unbox(cio._params_of(params_template)))  # pylint: disable=protected-access
   e = f"{prefix}embeddings"
-  out.take("token_embedding/embedding", f"{e}.word_embeddings.weight")
+  words = src.take(f"{e}.word_embeddings.weight")
+
+  def rows(name, array, origin):
+    """A vocabulary-sized array, the template's rows past the checkpoint's vocabulary kept (a
+    table padded to a multiple of the FSDP axis: those ids never occur)."""
+    want = out.tshapes[name]
+    if want[0] > len(array) and not isinstance(template[name], jax.ShapeDtypeStruct):
+      array = np.concatenate([array, np.asarray(template[name])[len(array):]], axis=0)
+    out.put(name, array, origin)
+
+  rows("token_embedding/embedding", words, f"{e}.word_embeddings.weight")
   max_len = out.tshapes["pos_embedding"][1]
   table = src.take(f"{e}.position_embeddings.weight")
   if len(table) < max_len:
@@ -236,18 +248,15 @@ def load(path: str | os.PathLike, params_template, *, model: TextEncoder | None 
   if f"{head}.transform.dense.weight" in src:
     cio.put_hf_linear(out, "mlm_dense", f"{head}.transform.dense")
     _put_ln(out, "mlm_norm", f"{head}.transform.LayerNorm")
-    if "mlm_bias" in out:  # tied: the decoder is the word embedding
-      bias = f"{head}.bias" if f"{head}.bias" in src else f"{head}.decoder.bias"
-      out.take("mlm_bias", bias)
-      src.ignore(f"{head}.decoder.", "tied to the word embeddings and the bias")
-    else:
-      out.take("mlm_out/kernel", f"{head}.decoder.weight", lambda w: w.T)
-      bias = f"{head}.bias" if f"{head}.bias" in src else f"{head}.decoder.bias"
-      out.take("mlm_out/bias", bias)
-    src.ignore(f"{head}.", "the same bias under its other name")
+    if "mlm_bias" not in out:
+      raise cio.CheckpointError(f"{src.path}: BERT's MLM decoder is tied to the word "
+                                f"embeddings; build the text tower with tie_mlm_head=True")
+    bias = f"{head}.bias" if f"{head}.bias" in src else f"{head}.decoder.bias"
+    rows("mlm_bias", src.take(bias), bias)
+    src.ignore(f"{head}.", "the decoder is tied to the word embeddings; the same bias")
   else:
     fresh.update({k: "the checkpoint has no MLM head (a BertModel)" for k in out.tshapes
-                  if k.startswith(("mlm_", "mlm_out/"))})
+                  if k.startswith("mlm_")})
   src.ignore(f"{prefix}pooler.", "BERT's pooler: the sentence feature is the [CLS] token's")
   src.ignore("cls.seq_relationship.", "next-sentence head")
   src.ignore(f"{e}.position_ids", "a buffer")

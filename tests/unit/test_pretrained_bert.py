@@ -117,3 +117,20 @@ def test_default_text_tower_unchanged_by_the_bert_options():
   assert "embedding_norm/scale" not in names and "text_encoder/encoder_norm/scale" in names
   bert = set(cio.flatten(_template(_encoder(**text_lib.BERT_OPTIONS))))
   assert "embedding_norm/scale" in bert and "text_encoder/encoder_norm/scale" not in bert
+
+
+@torch_only
+def test_padded_vocabulary_keeps_the_extra_rows(hf_bert):
+  """A table padded past BERT's vocabulary (config.model.vocab_multiple, for FSDP): the first
+  rows are BERT's, the padded rows (never input ids) keep their initial values."""
+  model_t, mlm_dir, _ = hf_bert
+  model = text_lib.TextEncoder(vocab_size=VOCAB + 5, max_len=LEN, variant="Mu",
+                               num_layers=LAYERS, num_fusion_layers=1, **text_lib.BERT_OPTIONS)
+  template = _template(model)
+  flat = cio.flatten(nn.unbox(text_lib.load(mlm_dir, template, model=model)))
+  tflat = cio.flatten(nn.unbox(template))
+  sd = model_t.state_dict()
+  emb = flat["token_embedding/embedding"]
+  np.testing.assert_array_equal(emb[:VOCAB], sd["bert.embeddings.word_embeddings.weight"].numpy())
+  np.testing.assert_array_equal(emb[VOCAB:], tflat["token_embedding/embedding"][VOCAB:])
+  np.testing.assert_array_equal(flat["mlm_bias"][:VOCAB], sd["cls.predictions.bias"].numpy())
