@@ -120,6 +120,9 @@ def _validate_images(config: ml_collections.ConfigDict, num_devices: int,
                       '(every k-th step is an image step)')
   if not every:
     return
+  ratio = images.get('mask_ratio', -1.0)
+  if ratio != -1.0 and not 0.0 <= ratio < 1.0:
+    raise ConfigError(f'images.mask_ratio={ratio!r} must be in [0, 1) (or -1: mask.ratio)')
   size = image_batch_size(config)
   if isinstance(size, bool) or not isinstance(size, int) or size < 1:
     raise ConfigError(f'images.batch_size={images.batch_size!r} must be a positive int '

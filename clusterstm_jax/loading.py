@@ -19,7 +19,7 @@ from clusterstm_jax import tasks as tasks_lib
 from clusterstm_jax import trainer as trainer_lib
 from clusterstm_jax.data import checks
 from clusterstm_jax.data import pipeline
-from clusterstm_jax.data.tokenizer import Tokenizer
+from clusterstm_jax.data.tokenizer import open_tokenizer
 from clusterstm_jax.errors import UserError
 
 
@@ -70,7 +70,7 @@ def load_model(checkpoint: str, data_dir: str = ''):
     tokenizer = pipeline.get_tokenizer(config.data)
     return (config, restore_params(config, ckpt_dir, step, mesh, tokenizer.vocab_size),
             tokenizer, mesh)
-  tokenizer = Tokenizer(exports.tokenizer_path(checkpoint))
+  tokenizer = open_tokenizer(exports.tokenizer_path(checkpoint))
   task = tasks_lib.get(config, tasks_lib.TextSpec.from_tokenizer(tokenizer))
   boxed = tasks_lib.base.abstract_params(task.model, task.init_inputs)
   shardings = sharding_lib.tree_shardings(boxed, mesh,
@@ -86,7 +86,7 @@ def load_portable(export_dir: str, data_dir: str = ''):
   if data_dir:
     config.data.data_dir = data_dir
   mesh = sharding_lib.make_mesh(config.mesh)
-  tokenizer = Tokenizer(exports.tokenizer_path(export_dir))
+  tokenizer = open_tokenizer(exports.tokenizer_path(export_dir))
   task = tasks_lib.get(config, tasks_lib.TextSpec.from_tokenizer(tokenizer))
   boxed = tasks_lib.base.abstract_params(task.model, task.init_inputs)
   shardings = sharding_lib.tree_shardings(boxed, mesh,

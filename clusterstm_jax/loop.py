@@ -78,6 +78,14 @@ def check(config, workdir: str | None = None) -> None:
   if config_lib.image_every(config):
     image_config = pipeline.image_data_config(config)
     checks.check_data(image_config, [image_config.train_split], tokenizer=False)
+  model = config.get('model') or {}
+  for field in ('init', 'text_init'):  # external towers of the student
+    path = model.get(field) and os.path.expanduser(model[field])
+    if path and not os.path.exists(path):
+      raise UserError(f'checkpoint path does not exist: {path} (config.model.{field})')
+  if tasks_lib.needs_teacher(config) and (config.teacher.get('init') or
+                                          config.teacher.get('tokenizer', {}).get('model')):
+    teacher_lib.tokenizer_path(config)  # external teacher weights need their own tokenizer
 
 
 def prepare_teacher(config, *, always: bool = False) -> None:
@@ -175,10 +183,13 @@ def _train_and_evaluate(config, workdir: str) -> dict:
       config, text=tasks_lib.TextSpec.from_tokenizer(tokenizer), mesh=mesh,
       total_steps=total_steps, warmup_steps=warmup_steps, teacher=teacher)
 
+  # With a teacher, batches also carry the captions in the teacher's own ids (its tokenizer).
+  teacher_text = teacher.text_stream if teacher is not None else None
   train_loader = pipeline.make_train_loader(
       config.data, tokenizer, global_batch_size=config.batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      decode=trainer.task.decode, source=train_source)  # QA batches add questions, answers
+      decode=trainer.task.decode, source=train_source,  # QA batches add questions, answers
+      teacher_text=teacher_text)
   train_iter = iter(train_loader)
   image_iter = None
   if image_every:
@@ -187,7 +198,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
     image_iter = iter(pipeline.make_train_loader(
         image_config, tokenizer, global_batch_size=config_lib.image_batch_size(config),
         seed=(config.seed + 1) % 2**32, process_index=jax.process_index(),
-        process_count=jax.process_count(), examples='records'))
+        process_count=jax.process_count(), examples='records', teacher_text=teacher_text))
 
   # --- restore: own workdir -> config.resume -> config.init -> scratch ---
   ckpt_dir = os.path.join(workdir, 'checkpoints')
@@ -212,8 +223,11 @@ def _train_and_evaluate(config, workdir: str) -> dict:
     state = trainer.init_state(jax.random.key(config.seed))
     if config.init:  # a whole exported model (ours): fine-tuning, continued pretraining
       state['params'] = exports.load_params_into(config.init, state['params'])
-    elif config.model.get('init'):  # an external image tower (CLIP/SigLIP/ViT) for the student
-      state['params'] = _load_vision_tower(config, trainer, state['params'])
+    else:  # external towers: an image tower (CLIP/SigLIP/ViT), a BERT text tower
+      if config.model.get('init'):
+        state['params'] = _load_tower(config, trainer, state['params'], 'init')
+      if config.model.get('text_init'):
+        state['params'] = _load_tower(config, trainer, state['params'], 'text_init')
   step = int(state['step'])
 
   results_path = epath.Path(workdir) / 'results.json'
@@ -342,12 +356,16 @@ def periodic_eval(config, trainer, params, tokenizer, mesh, writer, step: int, b
   return results
 
 
-def _load_vision_tower(config, trainer, params):
-  path = os.path.expanduser(config.model.init)
+def _load_tower(config, trainer, params, field: str):
+  """The student's params with the tower of config.model.<field> loaded: 'init' the vision
+  tower (clusterstm.load_pretrained), 'text_init' the BERT text tower (load_text_pretrained)."""
+  path = os.path.expanduser(config.model[field])
   if not os.path.exists(path):
-    raise UserError(f'checkpoint path does not exist: {path} (config.model.init)')
+    raise UserError(f'checkpoint path does not exist: {path} (config.model.{field})')
+  load = (clusterstm_lib.load_pretrained if field == 'init'
+          else clusterstm_lib.load_text_pretrained)
   try:
-    loaded = clusterstm_lib.load_pretrained(path, jax.device_get(params), trainer.task.model)
+    loaded = load(path, jax.device_get(params), trainer.task.model)
   except ValueError as e:
     raise UserError(f'{path}: {e}') from e
   return jax.device_put(loaded, trainer.state_shardings['params'])

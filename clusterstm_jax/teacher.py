@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from clusterstm_jax import exports
 from clusterstm_jax import sharding as sharding_lib
 from clusterstm_jax.data.tokenizer import Tokenizer
+from clusterstm_jax.data.tokenizer import open_tokenizer
 from clusterstm_jax.errors import UserError
 from clusterstm_jax.models import common as models_common
 from clusterstm_jax.models import siglip
@@ -34,6 +35,16 @@ class Teacher:
   model: nn.Module          # models.siglip.SigLIP
   params: Any               # sharded, frozen
   param_shardings: Any
+  # Its own tokenizer (load_tokenizer): the batch's `teacher_text` is encoded with it, at the
+  # text tower's length. None for an abstract teacher (compiling needs no ids).
+  tokenizer: Any = None
+
+  @property
+  def text_stream(self):
+    """(tokenizer, text length) for pipeline.make_train_loader(teacher_text=...)."""
+    if self.tokenizer is None:
+      raise ValueError('this teacher has no tokenizer (an abstract teacher?)')
+    return self.tokenizer, self.model.text_len
 
   def frame_tokens(self, params, video):
     """video [B,T,H,W,3] in [-1,1] -> teacher tokens [B,T,N,D] (encoder_norm output)."""
@@ -103,7 +114,43 @@ def has_export(config) -> bool:
   return os.path.exists(os.path.join(export_dir(config), 'config.json'))
 
 
+def tokenizer_path(config) -> str:
+  """The teacher's own tokenizer: config.teacher.tokenizer.model, else its export's (an export
+  carries the tokenizer its text tower was trained with). External weights need it given."""
+  tc = config.teacher
+  path = tc.get('tokenizer', {}).get('model', '')
+  if path:
+    path = os.path.expanduser(path)
+    if not os.path.isfile(path):
+      raise UserError(f'teacher tokenizer not found: {path} (config.teacher.tokenizer.model)')
+    return path
+  if tc.get('init'):
+    raise UserError('config.teacher.init needs the teacher\'s own tokenizer: set '
+                    'config.teacher.tokenizer.model (e.g. SigLIP\'s spiece.model; '
+                    'docs/pretrained_weights.md)')
+  return exports.tokenizer_path(export_dir(config))
+
+
+def load_tokenizer(config) -> Tokenizer:
+  """The teacher's tokenizer with the conventions of config.teacher.tokenizer (ours: [CLS] first,
+  pad 0; a public SigLIP's: bos=False, pad='eos', canonicalize=True)."""
+  conv = config.teacher.get('tokenizer')
+  kwargs = {} if conv is None else dict(bos=conv.bos, pad=conv.pad, canonicalize=conv.canonicalize)
+  return open_tokenizer(tokenizer_path(config), **kwargs)
+
+
 def load_teacher(config, mesh) -> Teacher:
+  """The frozen teacher of config.teacher (external weights, or an export) with its tokenizer."""
+  teacher = _load_weights(config, mesh)
+  teacher.tokenizer = load_tokenizer(config)
+  if teacher.tokenizer.vocab_size > teacher.model.vocab_size:
+    raise UserError(f'the teacher tokenizer {teacher.tokenizer.model_path} has '
+                    f'{teacher.tokenizer.vocab_size} pieces but its text tower embeds '
+                    f'{teacher.model.vocab_size}')
+  return teacher
+
+
+def _load_weights(config, mesh) -> Teacher:
   if config.teacher.get('init'):
     return _load_external(config, mesh)
   path = export_dir(config)

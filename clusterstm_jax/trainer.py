@@ -188,7 +188,7 @@ def build_trainer(config, *, mesh, total_steps: int, warmup_steps: int, teacher=
       if not task.takes_images:
         raise UserError(f'images.every={config_lib.image_every(config)} needs task clusterstm, '
                         f'not {task.name!r}')
-      jitted_image = jit_step(task.loss_fn)
+      jitted_image = jit_step(task.image_loss_fn or task.loss_fn)
     enc_v = jax.jit(task.encode_video, out_shardings=repl)
     enc_t = jax.jit(task.encode_text, out_shardings=repl)
   teacher_params = teacher.params if teacher is not None else None

@@ -3,10 +3,12 @@ r"""ClusterSTM pretraining.
 Default (no arg): the embedded "shapes" dataset on this CPU; prints a zero-shot retrieval table.
   python -m clusterstm_jax.train --config=configs/pretrain.py
 Knobs (comma-separated after ':'):
-  paper       the paper-scale recipe: ViT-B/16 student, SigLIP B/16 teacher, 4 frames at 224 px,
-              r = 0.85, WebVid-2M, AdamW lr 1e-4 wd 0.02, cosine over 10 epochs (1 warm-up),
-              global batch 2048, FSDP. Needs the data and the SigLIP weights
-              (docs/datasets.md, docs/pretrained_weights.md).
+  paper       the paper-scale recipe: ViT-B/16 student (from SigLIP's image tower, drop path
+              0.1), BERT-base text tower (BERT weights and WordPiece ids), SigLIP B/16 teacher
+              reading its own SentencePiece ids, 4 frames at 224 px, r = 0.85 (images 0.5),
+              WebVid-2M + CC3M, AdamW lr 1e-4 wd 0.02, no gradient clipping, cosine over 10
+              epochs (1 warm-up), global batch 2048, FSDP. Needs the data, the SigLIP and BERT
+              weights and both tokenizers (docs/datasets.md, docs/pretrained_weights.md).
   smoke       a few steps of a tiny model on the tiny shapes split (tests and CI).
   mask=NAME   masking strategy: clusterstm, clusterstm_random_pick, random, tube.
   images      mixed image and video batches on shapes: every 2nd step trains on single frames
@@ -50,6 +52,11 @@ def get_config(arg=None):
   config.model.dropout = 0.0
   # An external image tower for the student (CLIP/SigLIP/ViT; docs/pretrained_weights.md).
   config.model.init = ''
+  # A Hugging Face BERT checkpoint for the student's text tower (models/text.py load()); it needs
+  # text_options=text.BERT_OPTIONS and BERT's WordPiece vocab.txt as config.data.tokenizer.
+  config.model.text_init = ''
+  # Stochastic depth of the video tower's blocks (the last block's rate); 0 = off.
+  config.model.drop_path = 0.0
   # MAE-style decoder rebuilding every token in the teacher's width (out_dim) for MRM; narrow
   # and shallow against the encoder, as MAE's and UMT's (it runs over the full grid).
   config.model.decoder = ml_collections.ConfigDict(dict(
@@ -70,6 +77,13 @@ def get_config(arg=None):
   config.teacher.init = ''
   config.teacher.model = ml_collections.ConfigDict(dict(
       vision_variant='B/16', text_variant='B', vocab_size=32000, text_len=64, out_dim=None))
+  # The teacher's own tokenizer: batches carry `teacher_text`, the captions in its ids, at its
+  # text tower's length; MRM's text feature is computed from those. model: a SentencePiece
+  # .model; '' = the teacher export's (shapes: the student's, so the ids are the same). bos /
+  # pad / canonicalize: our layout ([CLS] first, pad 0); a public SigLIP's is bos=False,
+  # pad='eos', canonicalize=True (lower case, no punctuation; data/tokenizer.py).
+  config.teacher.tokenizer = ml_collections.ConfigDict(dict(
+      model='', bos=True, pad='pad', canonicalize=False))
 
   # Masked relevance modelling: teacher MAP head over k x k windows x teacher text feature.
   # standardize: the target is standardised per clip (the raw cosines vary by ~0.03 inside a
@@ -101,13 +115,31 @@ def get_config(arg=None):
     config.data.builder_config = ''
     config.data.image_size = 224
     config.data.num_frames = 4
-    config.data.max_text_len = 64   # SigLIP's text length: teacher and student share the ids
-    config.data.tokenizer = ''      # set to SigLIP's sentencepiece .model
+    config.data.max_text_len = 32   # UMT's max_txt_l for the student's BERT ids
+    config.data.tokenizer = ''      # set to BERT-base-uncased's vocab.txt (WordPiece, as UMT)
     config.data.eval_split = 'val'
     # UMT's 5M pairs: WebVid-2M videos and CC3M images in alternating whole batches of the same
     # size (UMT interleaves its loaders in proportion to their lengths, which are similar here).
     config.images.update(every=2, name='cc3m', builder_config='', split='train', batch_size=-1)
     config.teacher.init = ''        # set to the SigLIP B/16 checkpoint
+    # The teacher reads its own ids (MRM's text feature as the paper): SigLIP's SentencePiece
+    # layout, ids then EOS padded with EOS to its text_len (64), on canonicalised text.
+    config.teacher.tokenizer.update(model='',  # set to SigLIP's spiece.model (c4_en)
+                                    bos=False, pad='eos', canonicalize=True)
+    # UMT starts the text tower from BERT-base (post-LN, embedding norm, exact GELU, eps 1e-12).
+    config.model.text_init = ''     # set to a bert-base-uncased directory (model.safetensors)
+    config.model.text_options = dict(post_ln=True, embed_norm=True, mlp_act='gelu', ln_eps=1e-12)
+    # BERT's 30522 ids do not split over the FSDP axis: the table is padded to a multiple of 128
+    # (the padded rows are never input ids).
+    config.model.vocab_multiple = 128
+    # The video tower from SigLIP B/16's image tower (the teacher's checkpoint or its HF form):
+    # UMT's stands on CLIP-distilled weights; SigLIP takes [-1, 1] pixels as our pipeline gives
+    # (CLIP would need its own mean/std) and its loader is the teacher's. Learned positions.
+    config.model.init = ''          # set to the SigLIP B/16 checkpoint (docs/pretrained_weights.md)
+    config.model.vision_options = dict(posemb='learn')
+    config.model.drop_path = 0.1    # UMT's stochastic depth of the ViT-B student
+    config.optax.grad_clip_norm = 0.0  # UMT clips no gradients
+    config.images.mask_ratio = 0.5  # UMT masks 50% of an image's tokens (videos: mask.ratio)
     config.model.vision_variant = 'B/16'
     config.model.text_variant = 'B'
     config.model.text_fusion_layers = 3   # BERT layers 9-11 cross-attend (UMT)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Iterable
 
-from clusterstm_jax.data.tokenizer import Tokenizer
+from clusterstm_jax.data.tokenizer import open_tokenizer
 from clusterstm_jax.errors import UserError
 
 SHAPES_SPLITS = ('train', 'val', 'test')
@@ -58,10 +58,11 @@ def eval_split(name: str) -> str:
 
 
 def check_tokenizer(data_config) -> None:
-  """config.data.tokenizer names a SentencePiece model with our id conventions; real data needs
+  """config.data.tokenizer names a SentencePiece model (or a BERT WordPiece vocab.txt) with our
+  id conventions; real data needs
   one (the export's EXPORT/tokenizer.model when fine-tuning or evaluating an export)."""
   if data_config.tokenizer:
-    Tokenizer(os.path.expanduser(data_config.tokenizer))
+    open_tokenizer(os.path.expanduser(data_config.tokenizer))
   elif data_config.name not in ('shapes', 'folder'):  # both train their own at build time
     raise UserError(f'dataset {data_config.name!r} needs config.data.tokenizer: the '
                     'sentencepiece .model of the model you start from (EXPORT/tokenizer.model; '

@@ -9,7 +9,9 @@ across processes, padding the last global batch with rows marked `valid=False`.
 A batch is a dict of numpy arrays, b = global_batch_size / process_count:
   video uint8 [b, T, H, W, 3] (normalised on device), text int32 [b, L],
   labels uint8 [b, T, H, W] (object ids, 0 = background; zeros for data without label maps),
-  index int32 [b] (example id), and for eval also valid bool [b].
+  index int32 [b] (example id), and for eval also valid bool [b]; with a teacher tokenizer
+  (pretraining with a teacher) also teacher_text int32 [b, Lt]: the same caption in the
+  teacher's own ids (its tokenizer, conventions and length), which its text tower encodes.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from absl import flags
 from clusterstm_jax.data import examples as examples_lib
 from clusterstm_jax.data import video_io
 from clusterstm_jax.data.tokenizer import Tokenizer
+from clusterstm_jax.data.tokenizer import open_tokenizer
 from clusterstm_jax.errors import UserError
 
 
@@ -45,7 +48,9 @@ def default_data_config() -> ml_collections.ConfigDict:
       "read_buffer_size": 256,
       "train_split": "train",
       "eval_split": "test",
-      "tokenizer": "",  # a sentencepiece .model path; '' = the one trained with shapes
+      # A SentencePiece .model or a BERT WordPiece vocab.txt (tokenizer.open_tokenizer tells
+      # them apart); '' = the one trained with shapes.
+      "tokenizer": "",
       # Multi-caption datasets: 'pairs' trains on every (video, caption) pair, 'sample' on one
       # caption drawn per visit of a video (data/examples.py).
       "captions": "pairs",
@@ -152,7 +157,8 @@ def tokenizer_path(data_config) -> str:
 
 
 def get_tokenizer(data_config) -> Tokenizer:
-  return Tokenizer(tokenizer_path(data_config))
+  """The student's tokenizer (SentencePiece or WordPiece, [CLS] first, pad 0)."""
+  return open_tokenizer(tokenizer_path(data_config))
 
 
 def _crop_square(images: np.ndarray, rng: np.random.Generator | None):
@@ -182,11 +188,14 @@ def eval_frames(frames: np.ndarray, num_frames: int, image_size: int) -> np.ndar
 
 
 def decode_example(ex: dict[str, Any], *, tokenizer: Tokenizer, num_frames: int, image_size: int,
-                   max_text_len: int, rng: np.random.Generator | None) -> dict[str, np.ndarray]:
+                   max_text_len: int, rng: np.random.Generator | None,
+                   teacher_tokenizer: Tokenizer | None = None,
+                   teacher_text_len: int = 0) -> dict[str, np.ndarray]:
   """One stored example -> fixed-shape arrays.
 
   rng=None (eval) takes the middle frame of each segment and a centred crop; an rng (train)
-  jitters both. Either way the result depends only on the example and the rng.
+  jitters both. Either way the result depends only on the example and the rng. A
+  `teacher_tokenizer` adds `teacher_text`: the caption in the teacher's ids, teacher_text_len long.
   """
   jpegs = ex["frames"]
   idx = video_io.sample_frame_indices(len(jpegs), num_frames, rng)
@@ -199,12 +208,15 @@ def decode_example(ex: dict[str, Any], *, tokenizer: Tokenizer, num_frames: int,
     labels = video_io.resize(labels, image_size, nearest=True)
   else:  # real data has no object label maps
     labels = np.zeros(video.shape[:-1], np.uint8)
-  return {
+  out = {
       "video": video,
       "text": tokenizer.encode_batch([ex["caption"]], max_text_len)[0],
       "labels": labels,
       "index": np.int32(ex["id"]),
   }
+  if teacher_tokenizer is not None:
+    out["teacher_text"] = teacher_tokenizer.encode_batch([ex["caption"]], teacher_text_len)[0]
+  return out
 
 
 class _TrainDecode(grain.RandomMapTransform):
@@ -264,6 +276,9 @@ def default_image_config() -> ml_collections.ConfigDict:
       "builder_config": "",  # '' = config.data's when it is the same dataset, else 'default'
       "split": "train",
       "batch_size": -1,  # global; -1 = config.batch_size
+      # The masked fraction of an image's tokens; -1 = config.mask.ratio (UMT masks images
+      # less than videos: one frame holds less redundancy than four).
+      "mask_ratio": -1.0,
   })
 
 
@@ -288,9 +303,12 @@ def _check_batch(global_batch_size: int, process_index: int, process_count: int)
     raise UserError(f"process_index {process_index} not in [0, {process_count})")
 
 
-def _decode_kwargs(data_config, tokenizer: Tokenizer) -> dict[str, Any]:
-  return {"tokenizer": tokenizer, "num_frames": data_config.num_frames,
-          "image_size": data_config.image_size, "max_text_len": data_config.max_text_len}
+def _decode_kwargs(data_config, tokenizer: Tokenizer, teacher_text=None) -> dict[str, Any]:
+  kwargs = {"tokenizer": tokenizer, "num_frames": data_config.num_frames,
+            "image_size": data_config.image_size, "max_text_len": data_config.max_text_len}
+  if teacher_text is not None:  # (the teacher's tokenizer, its text length)
+    kwargs["teacher_tokenizer"], kwargs["teacher_text_len"] = teacher_text
+  return kwargs
 
 
 def _read_options(data_config) -> grain.ReadOptions:
@@ -308,12 +326,14 @@ def _ensure_flags_parsed(worker_count: int):
 
 def make_train_loader(data_config, tokenizer: Tokenizer, *, global_batch_size: int, seed: int,
                       process_index: int, process_count: int, decode=decode_example,
-                      examples: str = "captions", source=None) -> grain.DataLoader:
+                      examples: str = "captions", source=None,
+                      teacher_text: tuple[Tokenizer, int] | None = None) -> grain.DataLoader:
   """Shuffled, repeating, per-process sharded loader; `iter()` gives a checkpointable iterator.
 
   `decode` (decode_example's signature, picklable) makes one example; downstream tasks add fields.
   `examples`: what one example of a record is (data/examples.py: every caption by default);
-  `source`: train_source's result when the caller has it already.
+  `source`: train_source's result when the caller has it already; `teacher_text`: (the
+  teacher's tokenizer, its text length) adds the `teacher_text` stream (pretraining with a teacher).
   """
   _check_batch(global_batch_size, process_index, process_count)
   if not 0 <= seed < 2**32:
@@ -327,7 +347,7 @@ def make_train_loader(data_config, tokenizer: Tokenizer, *, global_batch_size: i
   _ensure_flags_parsed(data_config.worker_count)
   return grain.DataLoader(
       data_source=source, sampler=sampler, shard_options=shard,
-      operations=[_TrainDecode(decode, **_decode_kwargs(data_config, tokenizer)),
+      operations=[_TrainDecode(decode, **_decode_kwargs(data_config, tokenizer, teacher_text)),
                   grain.Batch(global_batch_size // process_count, drop_remainder=True)],
       worker_count=data_config.worker_count, read_options=_read_options(data_config))
 

@@ -1,18 +1,25 @@
-"""SentencePiece text tokenizer: training one for a corpus, and encoding fixed-length id batches.
+"""Text tokenizers: training a SentencePiece model for a corpus, and encoding fixed-length id
+batches with SentencePiece or BERT's WordPiece (data/wordpiece.py); `open_tokenizer` picks one.
 
-Owns the id conventions the text models rely on: pad = 0, a [CLS] id (sentencepiece BOS) at
-position 0 (the text encoder's sentence feature), EOS after the text, and a [MASK] id for MLM.
+Owns the id conventions the text models rely on. The student's (and our own teachers'): pad = 0,
+a [CLS] id (sentencepiece BOS) at position 0 (the text encoder's sentence feature), EOS after the
+text, and a [MASK] id for MLM. A public SigLIP teacher's (big_vision `eos='sticky'`, transformers'
+SiglipTokenizer): no BOS, the pieces then EOS, padded with EOS (`bos=False, pad='eos'`), on
+canonicalised text (lower case, no punctuation).
 """
 from __future__ import annotations
 
 import io
 import os
+import re
+import string
 import tempfile
 from typing import Iterable, Sequence
 
 import numpy as np
 import sentencepiece as spm
 
+from clusterstm_jax.data import wordpiece
 from clusterstm_jax.errors import UserError
 
 CLS_PIECE, EOS_PIECE, MASK_PIECE = "[CLS]", "[SEP]", "[MASK]"
@@ -50,17 +57,33 @@ def train_sentencepiece(texts: Iterable[str], model_path: str | os.PathLike, voc
   return model_path
 
 
-class Tokenizer:
-  """Fixed-length batches of ids: [CLS] text... [SEP] pad...
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
 
-  For a given real model (e.g. SigLIP's), the model must define a pad id of 0 and a BOS or
-  [CLS] piece; [MASK] falls back to the unknown id when the model has no such piece.
+
+def canonicalize(text: str) -> str:
+  """SigLIP's text canonicalisation (transformers' SiglipTokenizer, from big_vision's prompt
+  engineering): lower case, ASCII punctuation removed, whitespace runs collapsed, stripped."""
+  return re.sub(r"\s+", " ", text.lower().translate(_PUNCTUATION)).strip()
+
+
+class Tokenizer:
+  """Fixed-length batches of SentencePiece ids: [CLS] text... [SEP] pad...
+
+  bos: put the model's BOS (or [CLS] piece) first (ours); False for SigLIP (ids then EOS).
+  pad: 'pad' pads with the model's pad id, which must be 0 (the student's padding mask);
+    'eos' pads with EOS (SigLIP's text tower has no mask and pools the last token).
+  canonicalize: SigLIP's text canonicalisation before encoding (`canonicalize`).
+  For a given real model with bos=True, the model must define a BOS or [CLS] piece; [MASK]
+  falls back to the unknown id when the model has no such piece.
   """
 
-  def __init__(self, model_path: str | os.PathLike):
+  def __init__(self, model_path: str | os.PathLike, *, bos: bool = True, pad: str = "pad",
+               canonicalize: bool = False):
     model_path = os.fspath(model_path)
     if not os.path.isfile(model_path):
       raise UserError(f"sentencepiece model not found: {model_path}")
+    if pad not in ("pad", "eos"):
+      raise UserError(f"tokenizer pad must be 'pad' or 'eos', got {pad!r}")
     self.model_path = model_path
     try:
       self._sp = spm.SentencePieceProcessor(model_file=model_path)
@@ -68,26 +91,38 @@ class Tokenizer:
       raise UserError(f"{model_path} is not a SentencePiece model "
                       f"({str(e).splitlines()[0][:120]})") from e
     sp = self._sp
-    if sp.pad_id() != 0:
-      raise UserError(f"tokenizer {model_path} has pad id {sp.pad_id()}; pad id 0 is required")
-    cls = sp.bos_id() if sp.bos_id() >= 0 else sp.piece_to_id(CLS_PIECE)
-    if cls < 0 or cls == sp.unk_id():
-      raise UserError(f"tokenizer {model_path} has neither a BOS nor a {CLS_PIECE} piece")
-    self.pad_id, self.cls_id, self.unk_id = 0, int(cls), int(sp.unk_id())
+    self.bos, self.canonicalize = bool(bos), bool(canonicalize)
     self.eos_id = int(sp.eos_id())
     if self.eos_id < 0:
       raise UserError(f"tokenizer {model_path} has no EOS piece")
+    if pad == "pad" and sp.pad_id() != 0:
+      raise UserError(f"tokenizer {model_path} has pad id {sp.pad_id()}; pad id 0 is required "
+                      f"(or pad with EOS: pad='eos')")
+    self.pad_id = 0 if pad == "pad" else self.eos_id
+    cls = -1  # no [CLS] id: the text starts with its first piece (SigLIP)
+    if self.bos:
+      cls = sp.bos_id() if sp.bos_id() >= 0 else sp.piece_to_id(CLS_PIECE)
+      if cls < 0 or cls == sp.unk_id():
+        raise UserError(f"tokenizer {model_path} has neither a BOS nor a {CLS_PIECE} piece "
+                        f"(a SigLIP-style model without one: bos=False)")
+    self.cls_id, self.unk_id = int(cls), int(sp.unk_id())
     self.mask_id = int(sp.piece_to_id(MASK_PIECE))  # unk id when the piece is absent
     self.vocab_size = int(sp.get_piece_size())
 
   def encode_batch(self, texts: Sequence[str | bytes], max_len: int) -> np.ndarray:
-    """int32 [B, max_len]: [CLS] pieces [SEP], truncated (keeping [SEP]), right-padded with 0."""
-    if max_len < 2:
-      raise UserError(f"max_len must be >= 2 to hold [CLS] and [SEP], got {max_len}")
+    """int32 [B, max_len]: [CLS] pieces [SEP] (no [CLS] with bos=False), truncated keeping
+    [SEP] (big_vision's sticky EOS), right-padded with the pad id."""
+    special = 2 if self.bos else 1
+    if max_len < special:
+      raise UserError(f"max_len must be >= {special} to hold "
+                      f"{'[CLS] and [SEP]' if self.bos else 'EOS'}, got {max_len}")
     texts = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in texts]
-    out = np.zeros((len(texts), max_len), np.int32)
+    if self.canonicalize:
+      texts = [canonicalize(t) for t in texts]
+    out = np.full((len(texts), max_len), self.pad_id, np.int32)
+    head = [self.cls_id] if self.bos else []
     for row, ids in zip(out, self._sp.encode(texts)):
-      ids = [self.cls_id] + ids[: max_len - 2] + [self.eos_id]
+      ids = head + ids[: max_len - special] + [self.eos_id]
       row[: len(ids)] = ids
     return out
 
@@ -100,3 +135,15 @@ class Tokenizer:
 
   def __repr__(self) -> str:
     return f"Tokenizer({self.model_path!r}, vocab_size={self.vocab_size})"
+
+
+def open_tokenizer(path: str | os.PathLike, **conventions):
+  """The tokenizer of a file: a BERT WordPiece vocabulary (`vocab.txt`, one piece a line, with
+  [CLS] and [SEP]; also under an export's name `tokenizer.model`) -> wordpiece.WordPiece, else a
+  SentencePiece model -> Tokenizer(path, **conventions). Both encode the student's layout."""
+  path = os.fspath(path)
+  if wordpiece.is_vocab_file(path):
+    if conventions.get("bos") is False or conventions.get("pad", "pad") != "pad":
+      raise UserError(f"{path} is a WordPiece vocabulary: [CLS] first and pad 0 only")
+    return wordpiece.WordPiece(path)
+  return Tokenizer(path, **conventions)

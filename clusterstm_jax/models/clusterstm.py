@@ -25,11 +25,31 @@ def vision_tower(config: ml_collections.ConfigDict, num_frames: int, image_size:
   """The student's VideoViT. `config.vision_options` (optional dict) passes the VideoViT
   options that match a pretrained tower, e.g. CLIP's: dict(posemb='learn', class_token=True,
   pre_norm=True, mlp_act='quick_gelu', ln_eps=1e-5) (see vit.py)."""
-  options = config.get('vision_options') or {}
-  options = options.to_dict() if hasattr(options, 'to_dict') else dict(options)
   return vit_lib.VideoViT(variant=config.vision_variant, num_frames=num_frames,
                           image_size=image_size, dropout=config.get('dropout', 0.0), name=name,
-                          **policy, **options)
+                          drop_path=config.get('drop_path', 0.0), **policy,
+                          **_options(config, 'vision_options'))
+
+
+def _options(config, key: str) -> dict:
+  options = config.get(key) or {}
+  return options.to_dict() if hasattr(options, 'to_dict') else dict(options)
+
+
+def text_tower(config: ml_collections.ConfigDict, vocab_size: int, max_text_len: int,
+               name: str | None = None, **policy) -> text_lib.TextEncoder:
+  """The student's TextEncoder. `config.text_options` (optional dict) passes the TextEncoder
+  options of a pretrained tower: BERT's are text.BERT_OPTIONS (post-LN, embedding norm, exact
+  GELU, LayerNorm eps 1e-12). `config.vocab_multiple` rounds the embedding table up to a
+  multiple of it: a vocabulary such as BERT's 30522 does not split over an FSDP axis; the extra
+  rows are never input ids (MLM's random replacements stay in the tokenizer's vocabulary)."""
+  multiple = int(config.get('vocab_multiple', 1))
+  vocab_size = -(-vocab_size // multiple) * multiple
+  return text_lib.TextEncoder(vocab_size=vocab_size, max_len=max_text_len,
+                              variant=config.text_variant, num_layers=config.get('text_depth'),
+                              num_fusion_layers=config.text_fusion_layers,
+                              dropout=config.get('dropout', 0.0), name=name, **policy,
+                              **_options(config, 'text_options'))
 
 
 def load_pretrained(path: str, student_params, model: 'ClusterSTM', *, strict: bool = True):
@@ -46,6 +66,19 @@ def load_pretrained(path: str, student_params, model: 'ClusterSTM', *, strict: b
     raise ValueError(f"student params have no 'vision' tower; top-level keys: {sorted(params)}")
   tower = vision_tower(model.config, model.num_frames, model.image_size)
   params['vision'] = vit_lib.load(path, params['vision'], model=tower, strict=strict)
+  return {'params': params} if wrapped else params
+
+
+def load_text_pretrained(path: str, student_params, model: 'ClusterSTM', *, strict: bool = True):
+  """Initialises the student's text tower (with its fusion layers' self-attention and MLPs and
+  its MLM head) from a Hugging Face BERT checkpoint (text.load); every other student parameter
+  keeps its value. Arguments as load_pretrained's."""
+  wrapped = set(student_params) == {'params'}
+  params = dict(student_params['params'] if wrapped else student_params)
+  if 'text' not in params:
+    raise ValueError(f"student params have no 'text' tower; top-level keys: {sorted(params)}")
+  tower = text_tower(model.config, model.vocab_size, model.max_text_len)
+  params['text'] = text_lib.load(path, params['text'], model=tower, strict=strict)
   return {'params': params} if wrapped else params
 
 
@@ -82,10 +115,7 @@ class ClusterSTM(nn.Module):
     dropout = c.get('dropout', 0.0)
     policy = dict(dtype=self.dtype, remat=self.remat)
     self.vision = vision_tower(c, self.num_frames, self.image_size, name='vision', **policy)
-    self.text = text_lib.TextEncoder(vocab_size=self.vocab_size, max_len=self.max_text_len,
-                                     variant=c.text_variant, num_layers=c.get('text_depth'),
-                                     num_fusion_layers=c.text_fusion_layers, dropout=dropout,
-                                     name='text', **policy)
+    self.text = text_tower(c, self.vocab_size, self.max_text_len, name='text', **policy)
     dense = lambda features, name: nn.Dense(
         features, name=name,
         kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(),

@@ -259,6 +259,9 @@ class EncoderBlock(nn.Module):
   LayerNorm_0/1, MultiHeadDotProductAttention_0, MlpBlock_0 stay the same).
   Masks are key padding masks: `mask` [B, L] for self-attention, `context_mask` [B, M].
   `act` / `ln_eps` only change the computation (for external checkpoints such as CLIP).
+  post_ln: BERT's post-LN order instead, each norm after its residual sum (x = LN(x + f(x)));
+    the same parameters and names. drop_path: stochastic depth, the rate at which a sample's
+    residual branch is dropped in training (rescaled by 1/(1 - rate), as timm's DropPath).
   """
   mlp_dim: int
   num_heads: int
@@ -267,6 +270,18 @@ class EncoderBlock(nn.Module):
   dtype: Dtype = jnp.float32
   act: str = "gelu_tanh"
   ln_eps: float = 1e-6
+  post_ln: bool = False
+  drop_path: float = 0.0
+
+  def _residual(self, x, y, norm, deterministic):
+    """x + branch y (dropout, then drop path), with `norm` before (pre-LN: applied by the
+    caller to the branch input) or after the sum (post-LN)."""
+    y = nn.Dropout(rate=self.dropout)(y, deterministic)
+    if self.drop_path > 0:  # one keep/drop draw per sample: broadcast over tokens and width
+      y = nn.Dropout(rate=self.drop_path, broadcast_dims=tuple(range(1, y.ndim)))(
+          y, deterministic)
+    x = x + y
+    return nn.with_logical_constraint(norm(x) if self.post_ln else x, ACT)
 
   @nn.compact
   def __call__(self, x, mask=None, context=None, context_mask=None,
@@ -275,30 +290,32 @@ class EncoderBlock(nn.Module):
       raise ValueError("this EncoderBlock has cross_attention=True and needs `context`")
     if not self.cross_attention and context is not None:
       raise ValueError("`context` given to an EncoderBlock built with cross_attention=False")
+    pre = (lambda norm, v: v) if self.post_ln else (lambda norm, v: norm(v))
     x = nn.with_logical_constraint(x, ACT)
-    y = layer_norm(self.dtype, eps=self.ln_eps)(x)
+    norm = layer_norm(self.dtype, eps=self.ln_eps)
+    y = pre(norm, x)
     y = attention(self.num_heads, self.dtype)(y, y, mask=key_mask(mask))
-    y = nn.Dropout(rate=self.dropout)(y, deterministic)
-    x = nn.with_logical_constraint(x + y, ACT)
+    x = self._residual(x, y, norm, deterministic)
 
     if self.cross_attention:
-      y = layer_norm(self.dtype, name="cross_norm", eps=self.ln_eps)(x)
+      norm = layer_norm(self.dtype, name="cross_norm", eps=self.ln_eps)
       y = attention(self.num_heads, self.dtype, name="cross_attention")(
-          y, context, mask=key_mask(context_mask))
-      y = nn.Dropout(rate=self.dropout)(y, deterministic)
-      x = nn.with_logical_constraint(x + y, ACT)
+          pre(norm, x), context, mask=key_mask(context_mask))
+      x = self._residual(x, y, norm, deterministic)
 
-    y = layer_norm(self.dtype, eps=self.ln_eps)(x)
+    norm = layer_norm(self.dtype, eps=self.ln_eps)
     y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.act)(
-        y, deterministic=deterministic)
-    y = nn.Dropout(rate=self.dropout)(y, deterministic)
-    return nn.with_logical_constraint(x + y, ACT)
+        pre(norm, x), deterministic=deterministic)
+    return self._residual(x, y, norm, deterministic)
 
 
 class Encoder(nn.Module):
   """`depth` EncoderBlocks named encoderblock_{i}, then LayerNorm `encoder_norm`.
 
   Returns (normed output, {'block{i:02d}': block outputs, 'pre_ln': input of the norm}).
+  post_ln: BERT's post-LN blocks and no final norm (the output is the last block's).
+  drop_path: stochastic depth rising linearly from 0 at the first block to this rate at the
+    last (timm's and UMT's schedule).
   """
   depth: int
   mlp_dim: int
@@ -309,6 +326,8 @@ class Encoder(nn.Module):
   act: str = "gelu_tanh"
   ln_eps: float = 1e-6
   remat: str = "none"  # a REMAT_POLICIES name, applied to every block
+  post_ln: bool = False
+  drop_path: float = 0.0
 
   @nn.compact
   def __call__(self, x, mask=None, context=None, context_mask=None, *,
@@ -316,11 +335,14 @@ class Encoder(nn.Module):
     out = {}
     block = remat_block(EncoderBlock, self.remat)
     for i in range(self.depth):
+      rate = self.drop_path * i / (self.depth - 1) if self.depth > 1 else 0.0
       x = block(self.mlp_dim, self.num_heads, self.dropout, self.cross_attention,
-                self.dtype, self.act, self.ln_eps, name=f"encoderblock_{i}")(
-                    x, mask, context, context_mask, deterministic)
+                self.dtype, self.act, self.ln_eps, post_ln=self.post_ln, drop_path=rate,
+                name=f"encoderblock_{i}")(x, mask, context, context_mask, deterministic)
       out[f"block{i:02d}"] = x
     out["pre_ln"] = x
+    if self.post_ln:
+      return x, out
     return layer_norm(self.dtype, name="encoder_norm", eps=self.ln_eps)(x), out
 
 

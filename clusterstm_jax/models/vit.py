@@ -105,6 +105,9 @@ class VideoViT(nn.Module):
   mlp_act: str = "gelu_tanh"
   ln_eps: float = 1e-6
   remat: str = "none"  # common.REMAT_POLICIES name for the encoder blocks
+  # Stochastic depth: the last block's rate, rising linearly from 0 (common.Encoder). Training
+  # only; its randomness is the 'dropout' rng (the step's fold_in(key, step)).
+  drop_path: float = 0.0
 
   @property
   def dims(self) -> dict[str, Any]:
@@ -187,7 +190,8 @@ class VideoViT(nn.Module):
     x = nn.Dropout(rate=self.dropout)(x, not train)
     x, out = common.Encoder(dims["depth"], dims["mlp_dim"], dims["num_heads"], self.dropout,
                             dtype=self.dtype, act=self.mlp_act, ln_eps=self.ln_eps,
-                            remat=self.remat, name="Transformer")(x, deterministic=not train)
+                            remat=self.remat, drop_path=self.drop_path,
+                            name="Transformer")(x, deterministic=not train)
     x = nn.with_logical_constraint(x, common.ACT)
     pre_ln = out["pre_ln"]
     if self.class_token:

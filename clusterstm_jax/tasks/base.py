@@ -36,15 +36,19 @@ def abstract_params(model, inputs):
       lambda r: model.init({'params': r, 'dropout': r}, *inputs)['params'], jax.random.key(0))
 
 
-def video_batch(config, batch_size: int, *, image: bool = False) -> dict[str, np.ndarray]:
+def video_batch(config, batch_size: int, *, image: bool = False,
+                teacher_text_len: int = 0) -> dict[str, np.ndarray]:
   """A batch of the pipeline's shapes and dtypes (init and compilation); `image`: a batch of
-  the image stream (T = 1)."""
+  the image stream (T = 1); `teacher_text_len` > 0: with the teacher's ids (`teacher_text`)."""
   t, s, l = config.data.num_frames, config.data.image_size, config.data.max_text_len
   t = 1 if image else t
-  return dict(video=np.zeros((batch_size, t, s, s, 3), np.uint8),
-              text=np.zeros((batch_size, l), np.int32),
-              labels=np.zeros((batch_size, t, s, s), np.uint8),
-              index=np.arange(batch_size, dtype=np.int32))  # distinct videos
+  batch = dict(video=np.zeros((batch_size, t, s, s, 3), np.uint8),
+               text=np.zeros((batch_size, l), np.int32),
+               labels=np.zeros((batch_size, t, s, s), np.uint8),
+               index=np.arange(batch_size, dtype=np.int32))  # distinct videos
+  if teacher_text_len:
+    batch['teacher_text'] = np.zeros((batch_size, teacher_text_len), np.int32)
+  return batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,3 +92,5 @@ class Task:
   project_params: Callable | None = None
   # Whether an image stream (T = 1 batches, config.images) can train this task.
   takes_images: bool = False
+  # The loss of the image stream's steps when it differs from loss_fn (e.g. another mask ratio).
+  image_loss_fn: Callable | None = None

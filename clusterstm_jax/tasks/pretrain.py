@@ -89,7 +89,15 @@ def build(config, text: base.TextSpec, teacher=None, *, name: str = 'clusterstm'
   if use['mrm'] and not config.model.decoder.out_dim:
     raise ValueError('loss_weights.mrm > 0 needs model.decoder.out_dim (the teacher width)')
 
-  def loss_fn(params, batch, rng, teacher_params, *, unmasked=False):
+  # The image stream's mask: images.mask_ratio where set (UMT: 0.5 for images), else the video's.
+  image_ratio = config.images.get('mask_ratio', -1.0) if 'images' in config else -1.0
+  image_mask = config.mask
+  if image_ratio >= 0:
+    image_mask = config.mask.copy_and_resolve_references()
+    with image_mask.unlocked():
+      image_mask.ratio = image_ratio
+
+  def loss_fn(params, batch, rng, teacher_params, *, unmasked=False, image=False):
     mask_rng, dropout_rng, vtm_rng, mlm_rng = jax.random.split(rng, 4)
     video = base.normalize_video(batch['video'])
     ids = batch['text']
@@ -104,7 +112,8 @@ def build(config, text: base.TextSpec, teacher=None, *, name: str = 'clusterstm'
     if teacher is not None and not unmasked:
       features = jax.lax.stop_gradient(teacher.frame_tokens(teacher_params, video))
     if not unmasked:
-      mask = masking.mask_from_config(config.mask, mask_rng, (b, t, n), features)
+      mask = masking.mask_from_config(image_mask if image else config.mask, mask_rng,
+                                      (b, t, n), features)
 
     # Student on the visible tokens only (every token during unmasked tuning).
     keep_idx = None if unmasked else mask.keep_idx
@@ -140,7 +149,12 @@ def build(config, text: base.TextSpec, teacher=None, *, name: str = 'clusterstm'
     if use_mrm:
       k = config.mrm.window
       pooled = teacher.relevance_tokens(teacher_params, features, (h, w), k)
-      text_emb = jax.lax.stop_gradient(teacher.text_embedding(teacher_params, ids))
+      if 'teacher_text' not in batch:
+        raise ValueError("MRM needs the batch's 'teacher_text' (the caption in the teacher's own "
+                         'ids): make_train_loader(teacher_text=teacher.text_stream)')
+      # The teacher's text tower reads its own ids (its tokenizer), never the student's.
+      text_emb = jax.lax.stop_gradient(teacher.text_embedding(teacher_params,
+                                                              batch['teacher_text']))
       in_batch = config.mrm.in_batch
       target = losses.relevance_target(pooled, text_emb, in_batch=in_batch)
       decoded = apply(tokens, mask.keep_idx, (t, h, w), train=True, method=model.decode)
@@ -168,6 +182,9 @@ def build(config, text: base.TextSpec, teacher=None, *, name: str = 'clusterstm'
   return base.Task(name=name, model=model, init_inputs=inputs, loss_fn=loss_fn,
                    encode_video=predict['embed_video'], encode_text=predict['embed_text'],
                    unmasked_loss_fn=functools.partial(loss_fn, unmasked=True),
-                   dummy_batch=functools.partial(base.video_batch, config),
+                   image_loss_fn=functools.partial(loss_fn, image=True),
+                   dummy_batch=functools.partial(
+                       base.video_batch, config,
+                       teacher_text_len=teacher.model.text_len if teacher is not None else 0),
                    predict_fns=predict, takes_images=takes_images,
                    project_params=clusterstm_lib.clamp_temperature)

@@ -97,10 +97,12 @@ def bench_pipeline(config, tokenizer, num_batches: int) -> float:
   return num_batches * config.batch_size / (time.perf_counter() - t)
 
 
-def host_batch(config, tokenizer) -> dict[str, np.ndarray]:
-  """One real batch of the train loader (real frames, captions and object labels)."""
-  loader = pipeline.make_train_loader(config.data, tokenizer, global_batch_size=config.batch_size,
-                                      seed=0, process_index=0, process_count=1)
+def host_batch(config, tokenizer, teacher=None) -> dict[str, np.ndarray]:
+  """One real batch of the train loader (real frames, captions and object labels; with a
+  teacher, the captions in its own ids too)."""
+  loader = pipeline.make_train_loader(
+      config.data, tokenizer, global_batch_size=config.batch_size, seed=0, process_index=0,
+      process_count=1, teacher_text=teacher.text_stream if teacher is not None else None)
   return next(iter(loader))
 
 
@@ -259,7 +261,7 @@ def bench_config(config, what: list[str]) -> None:
     if tasks_lib.needs_teacher(config):
       loop.prepare_teacher(config)  # trains and exports a missing default teacher first
       teacher = teacher_lib.load_teacher(config, mesh)
-    batch = sharding_lib.global_batch(host_batch(config, tokenizer), mesh)
+    batch = sharding_lib.global_batch(host_batch(config, tokenizer, teacher), mesh)
     trainer = make_trainer(config, mesh, text, teacher)
     fns = {'step': timing.step_runner(trainer, batch)}
     if 'masking' in what:
@@ -268,8 +270,9 @@ def bench_config(config, what: list[str]) -> None:
                         f'{config.mask.strategy!r}')
       fns['masking'], fns['teacher'], feature_shape = masking_runners(config, teacher, batch)
     if 'unmasked' in what:
-      fns['unmasked'] = timing.step_runner(
-          make_trainer(unmasked_config(config), mesh, text, None), batch)
+      fns['unmasked'] = timing.step_runner(  # no teacher: no teacher_text in its batches
+          make_trainer(unmasked_config(config), mesh, text, None),
+          {k: v for k, v in batch.items() if k != 'teacher_text'})
     if 'flops' in what:  # timed with the step, so that both see the same machine load
       fns['matmul'] = timing.matmul_runner(FLAGS.matmul_size)
     times = timing.time_interleaved(fns, FLAGS.steps, rewarm=('masking', 'teacher', 'matmul'))

@@ -31,7 +31,7 @@ import numpy as np
 # imports and before jax's, so the modules that import jax are imported inside the functions.
 from clusterstm_jax import cli
 from clusterstm_jax import config_lib
-from clusterstm_jax.data.tokenizer import Tokenizer
+from clusterstm_jax.data.tokenizer import open_tokenizer
 from clusterstm_jax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -101,7 +101,7 @@ def resolve_vocab_size(config, flag_value: int | None) -> tuple[int, str]:
     return flag_value, '--vocab_size'
   path = os.path.expanduser(config.data.get('tokenizer', '') or '')
   if path and os.path.isfile(path):
-    return Tokenizer(path).vocab_size, path
+    return open_tokenizer(path).vocab_size, path
   return DEFAULT_VOCAB, 'default (no tokenizer file)'
 
 

@@ -33,16 +33,16 @@ def test_image_step_has_t1_and_keeps_the_densest_token_per_cluster(shared_smoke,
   config = shared_smoke.config(ARG)
   image_config = pipeline.image_data_config(config)
   tokenizer = pipeline.get_tokenizer(config.data)
-  loader = pipeline.make_train_loader(image_config, tokenizer, global_batch_size=8, seed=1,
-                                      process_index=0, process_count=1)
-  batch = next(iter(loader))
-  s = config.data.image_size
-  assert batch['video'].shape == (8, 1, s, s, 3) and batch['labels'].shape == (8, 1, s, s)
-
   from clusterstm_jax import sharding as sharding_lib
   from clusterstm_jax import teacher as teacher_lib
   mesh = sharding_lib.make_mesh(config.mesh)
   teacher = teacher_lib.load_teacher(config, mesh)  # trained by straight_run
+  loader = pipeline.make_train_loader(image_config, tokenizer, global_batch_size=8, seed=1,
+                                      process_index=0, process_count=1,
+                                      teacher_text=teacher.text_stream)
+  batch = next(iter(loader))
+  s = config.data.image_size
+  assert batch['video'].shape == (8, 1, s, s, 3) and batch['labels'].shape == (8, 1, s, s)
   trainer = trainer_lib.build_trainer(config, mesh=mesh, total_steps=4, warmup_steps=1,
                                    teacher=teacher, text=tasks_lib.TextSpec.from_tokenizer(tokenizer))
   # What the step's loss masks with: spy on the masking call inside the loss, and return the

@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from clusterstm_jax import checkpointing
 from clusterstm_jax import sharding as sharding_lib
+from clusterstm_jax import tasks as tasks_lib
 from clusterstm_jax.tasks import base as tasks_base
 from tests import helpers
 
@@ -39,6 +40,8 @@ def make_batch(config):
   batch['text'] = rng.integers(1, VOCAB, batch['text'].shape, dtype=np.int32)
   batch['labels'] = rng.integers(0, 4, batch['labels'].shape, dtype=np.uint8)
   batch['index'] = np.arange(config.batch_size, dtype=np.int32)
+  if tasks_lib.needs_teacher(config):  # the teacher's ids: its tokenizer is the student's here
+    batch['teacher_text'] = batch['text'].copy()
   return batch
 
 

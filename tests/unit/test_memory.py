@@ -42,6 +42,7 @@ def parts():
   batch['video'] = rng.integers(0, 256, batch['video'].shape, dtype=np.uint8)
   batch['text'] = rng.integers(5, VOCAB, batch['text'].shape, dtype=np.int32)
   batch['text'][:, 0] = 2
+  batch['teacher_text'] = batch['text'].copy()  # the teacher's ids: its tokenizer is the student's
   return mesh, teacher, batch
 
 

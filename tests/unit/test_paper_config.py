@@ -5,6 +5,7 @@ import pytest
 from configs import pretrain
 from clusterstm_jax import sharding as sharding_lib
 from clusterstm_jax import trainer as trainer_lib
+from clusterstm_jax.models import text as text_lib
 from clusterstm_jax.tasks import base as tasks_base
 from clusterstm_jax import teacher as teacher_lib
 
@@ -25,15 +26,32 @@ def test_paper_config_values():
   assert (c.images.every, c.images.name, c.images.batch_size) == (2, 'cc3m', -1)
   # The memory policy (docs/results.md, "Memory policy").
   assert (c.dtype, c.remat, c.microbatches) == ('bfloat16', 'full', 1)
+  # UMT's recipe: BERT text tower, SigLIP image tower for the video, drop path 0.1, no
+  # gradient clipping, images masked at 0.5; the teacher reads SigLIP's own ids.
+  assert c.model.text_options.to_dict() == text_lib.BERT_OPTIONS
+  assert (c.model.drop_path, c.optax.grad_clip_norm, c.images.mask_ratio) == (0.1, 0.0, 0.5)
+  assert c.model.vision_options.to_dict() == dict(posemb='learn')
+  assert (c.teacher.tokenizer.bos, c.teacher.tokenizer.pad) == (False, 'eos')
+  assert c.loss_weights.mrm > 0 and c.data.max_text_len == 32 and c.teacher.model.text_len == 64
 
 
 def test_paper_train_step_compiles_on_cpu():
   config = pretrain.get_config('paper')
   mesh = sharding_lib.make_mesh(config.mesh)
   teacher = teacher_lib.abstract_teacher(config, mesh)
-  trainer = trainer_lib.build_trainer(config, vocab_size=32000, mesh=mesh, total_steps=100,
+  # The student's vocabulary is BERT-base-uncased's WordPiece (30522), the teacher's SigLIP's.
+  trainer = trainer_lib.build_trainer(config, vocab_size=30522, mesh=mesh, total_steps=100,
                                    warmup_steps=10, teacher=teacher)
+  text = trainer.abstract_state['params']['text']
+  # Padded to a multiple of 128 (30522 does not split over the FSDP axis; text.load fills
+  # the first 30522 rows).
+  assert text['token_embedding']['embedding'].shape == (30592, 768)
+  # BERT's architecture, what text.load() fills from the checkpoint (abstract weights here).
+  assert 'embedding_norm' in text and 'encoder_norm' not in text['text_encoder']
   lowered = trainer.lower(8)
+  # Two token streams, MRM on: the student's 32 BERT ids and the teacher's 64 SigLIP ids.
+  hlo = lowered.as_text()
+  assert 'tensor<8x32xi32>' in hlo and 'tensor<8x64xi32>' in hlo
   compiled = lowered.compile(compiler_options=PAPER_COMPILE_OPTIONS)
   flops = compiled.cost_analysis()
   flops = flops[0] if isinstance(flops, (list, tuple)) else flops

@@ -36,10 +36,11 @@ def setup():
   trainer = trainer_lib.build_trainer(config, mesh=mesh, total_steps=4, warmup_steps=1,
                                    teacher=teacher, vocab_size=VOCAB)
   rng = np.random.default_rng(0)
-  batch = tasks_base.video_batch(config, config.batch_size)
+  batch = trainer.task.dummy_batch(config.batch_size)  # with the teacher's ids: teacher_text
   batch['video'] = rng.integers(0, 256, batch['video'].shape, dtype=np.uint8)
   batch['text'] = rng.integers(5, VOCAB, batch['text'].shape, dtype=np.int32)
   batch['text'][:, 0] = 2
+  batch['teacher_text'] = batch['text'].copy()  # the teacher shares the student's tokenizer
   return config, trainer, teacher, batch
 
 
