@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clusterstm_jax.data import pipeline
+from clusterstm_jax.masking import strategies as masking
 from clusterstm_jax.models import common as common_lib
 
 
@@ -41,10 +42,18 @@ def video_batch(config, batch_size: int, *, image: bool = False) -> dict[str, np
   the image stream (T = 1)."""
   t, s, l = config.data.num_frames, config.data.image_size, config.data.max_text_len
   t = 1 if image else t
-  return dict(video=np.zeros((batch_size, t, s, s, 3), np.uint8),
-              text=np.zeros((batch_size, l), np.int32),
-              labels=np.zeros((batch_size, t, s, s), np.uint8),
-              index=np.arange(batch_size, dtype=np.int32))  # distinct videos
+  batch = dict(video=np.zeros((batch_size, t, s, s, 3), np.uint8),
+               text=np.zeros((batch_size, l), np.int32),
+               labels=np.zeros((batch_size, t, s, s), np.uint8),
+               index=np.arange(batch_size, dtype=np.int32))  # distinct videos
+  if 'teacher' in config and config.teacher.get('cache') and not image:
+    # The offline teacher cache's fields (data/teacher_cache.py): mask and MRM target.
+    _, h, w = grid(config)
+    nc = masking.num_keep(h * w, config.mask.ratio)
+    batch.update(keep_idx=np.tile(np.arange(nc, dtype=np.int32), (batch_size, t, 1)),
+                 mrm_target=np.zeros((batch_size, t, h * w), np.float32),
+                 text_emb=np.ones((batch_size, config.model.decoder.out_dim), np.float32))
+  return batch
 
 
 @dataclasses.dataclass(frozen=True)
