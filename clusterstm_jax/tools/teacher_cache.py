@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import tempfile
 import time
 
 import flax.linen as nn
@@ -27,6 +28,7 @@ from absl import flags
 from PIL import Image
 
 from clusterstm_jax import cli
+from clusterstm_jax import config_lib
 from clusterstm_jax import sharding as sharding_lib
 from clusterstm_jax import teacher as teacher_lib
 from clusterstm_jax.data import pipeline
@@ -35,6 +37,7 @@ from clusterstm_jax.errors import UserError
 from clusterstm_jax.masking import strategies as masking
 from clusterstm_jax.tasks import base as tasks_base
 from clusterstm_jax.tasks import pretrain
+from clusterstm_jax.tasks import siglip as siglip_task
 
 FLAGS = flags.FLAGS
 
@@ -56,6 +59,43 @@ def signals_fn(config, teacher):
   return jax.jit(fn)
 
 
+def cached_config(config):
+  """`config` reading a teacher cache: the step takes the mask and MRM target from the batch
+  and has no teacher (the path is not read by the step; compile reports and benchmarks)."""
+  return config_lib.with_overrides(config, **{'teacher.cache': '<cache>', 'images.every': 0})
+
+
+def with_signals(config, teacher, batch: dict) -> dict:
+  """A host batch plus the teacher's fields, as the cached loader gives them (its view)."""
+  out = jax.device_get(signals_fn(config, teacher)(teacher.params, batch['video'], batch['text']))
+  return dict(batch, **{k: np.asarray(v) for k, v in out.items()})
+
+
+def bench_teacher(config, mesh, vocab_size: int):
+  """(teacher, how): the config's teacher where it exists, else one of its architecture with
+  random weights (the same FLOPs and time; for measurements only)."""
+  if config.teacher.get('init') or teacher_lib.has_export(config):
+    return teacher_lib.load_teacher(config, mesh), 'loaded'
+  tconfig = config_lib.load_config_file(config.teacher.config)
+  model = teacher_lib.with_policy(siglip_task.make_model(tconfig, vocab_size), config)
+  params = nn.unbox(jax.jit(lambda r: model.init(r, *siglip_task.init_inputs(tconfig)))(
+      jax.random.key(0))['params'])
+  repl = sharding_lib.replicated(mesh)
+  return teacher_lib.Teacher(model=model, params=jax.device_put(params, repl),
+                             param_shardings=jax.tree.map(lambda _: repl, params)), 'random'
+
+
+def time_pass(config, teacher, source, tokenizer, num: int, batch_size: int) -> dict:
+  """run_pass's stats over the first `num` examples (K = 1), after a warm-up batch (compile)."""
+  fn = signals_fn(config, teacher)
+  subset = [source[j] for j in range(num)]
+  with tempfile.TemporaryDirectory() as tmp:
+    run_pass(config, teacher, os.path.join(tmp, 'warm'), views=1, source=subset[:batch_size],
+             tokenizer=tokenizer, shard_size=batch_size, batch_size=batch_size, fn=fn)
+    return run_pass(config, teacher, os.path.join(tmp, 'timed'), views=1, source=subset,
+                    tokenizer=tokenizer, shard_size=256, batch_size=batch_size, fn=fn)
+
+
 def _frame_hw(jpeg: bytes) -> tuple[int, int]:
   with Image.open(io.BytesIO(jpeg)) as im:  # the header only
     return im.size[1], im.size[0]
@@ -63,11 +103,12 @@ def _frame_hw(jpeg: bytes) -> tuple[int, int]:
 
 def run_pass(config, teacher, cache_dir: str, *, views: int, source, tokenizer,
              shard_size: int = 256, batch_size: int = 64, mesh=None, process_index: int = 0,
-             process_count: int = 1, max_shards: int | None = None) -> dict:
+             process_count: int = 1, max_shards: int | None = None, fn=None) -> dict:
   """Writes this process's missing shards of the cache of `source` (the training examples).
 
   `mesh`: this process's devices (default: all local devices, data-parallel); `max_shards`
-  stops after that many shards (tests of a killed pass). Returns counts and seconds.
+  stops after that many shards (tests of a killed pass); `fn`: signals_fn's result, reused.
+  Returns counts and seconds.
   """
   cache_lib.check_config(config)
   if views < 1 or shard_size < 1 or batch_size < 1:
@@ -96,7 +137,7 @@ def run_pass(config, teacher, cache_dir: str, *, views: int, source, tokenizer,
                                         devices=jax.local_devices())
   per = mesh.devices.size
   batch_size = math.ceil(batch_size / per) * per
-  fn = signals_fn(config, teacher)
+  fn = fn or signals_fn(config, teacher)
   rules = sharding_lib.logical_rules(config.sharding_rules)
   kwargs = dict(tokenizer=tokenizer, num_frames=t, image_size=config.data.image_size,
                 max_text_len=config.data.max_text_len)

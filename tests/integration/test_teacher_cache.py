@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from clusterstm_jax import config_lib
+from clusterstm_jax import loop
 from clusterstm_jax import sharding as sharding_lib
 from clusterstm_jax import teacher as teacher_lib
 from clusterstm_jax import trainer as trainer_lib
@@ -145,3 +146,19 @@ def test_resumed_loader_reads_the_same_views(setup):
            for rec in records[j]].index(True)
       views.add(v)
   assert views == {0, 1}
+
+
+def test_training_run_reads_the_cache_and_loads_no_teacher(setup, shared_smoke, tmp_path):
+  config, teacher, _, tokenizer, root = setup
+  train = pipeline.train_source(config.data, 'captions', announce=False)
+  path = root / 'full'
+  tool.run_pass(config, teacher, str(path), views=2, source=train, tokenizer=tokenizer,
+                shard_size=256, batch_size=64)
+  export = os.path.join(shared_smoke.teacher_workdir, 'export')
+  had_teacher = os.path.exists(export)
+  cached = config_lib.with_overrides(config, **{'teacher.cache': str(path)})
+  results = loop.run(cached, str(tmp_path / 'run'))
+  assert results['step'] == config.total_steps and 'zeroshot_t2v_R@1' in results
+  assert os.path.exists(export) == had_teacher  # no teacher trained (nor loaded) for it
+  rows = helpers.metrics_rows(str(tmp_path / 'run'))
+  assert all(np.isfinite(r['mrm']) for r in rows if 'mrm' in r)
