@@ -29,6 +29,7 @@ from PIL import Image
 
 from clusterstm_jax import cli
 from clusterstm_jax import config_lib
+from clusterstm_jax import loop
 from clusterstm_jax import sharding as sharding_lib
 from clusterstm_jax import teacher as teacher_lib
 from clusterstm_jax.data import pipeline
@@ -184,6 +185,7 @@ def main() -> None:
     config.teacher.cache = ''  # the pass runs the live teacher
   cache_lib.check_config(config)
   pipeline.check_data_dir(config.data)
+  loop.prepare_teacher(config, always=True)  # trains and exports a missing default teacher
   mesh = sharding_lib.make_mesh(config.mesh, devices=jax.local_devices())
   teacher = teacher_lib.load_teacher(config, mesh)
   source = pipeline.train_source(config.data, 'captions', announce=jax.process_index() == 0)
