@@ -6,6 +6,8 @@ import pytest
 
 from clusterstm_jax import config_lib
 from clusterstm_jax import loop
+from clusterstm_jax import sharding as sharding_lib
+from clusterstm_jax import trainer as trainer_lib
 from clusterstm_jax import teacher as teacher_lib
 from clusterstm_jax.data import teacher_cache as cache_lib
 from clusterstm_jax.errors import UserError
@@ -105,6 +107,11 @@ def test_config_the_cache_cannot_stand_in_for():
                            ({'images.every': 2}, 'images.every'),
                            ({'data.captions': 'sample'}, 'captions')]:
     _one_line_error(lambda: cache_lib.check_config(_config(**overrides)), match)
+  # The trainer refuses them too (compile reports and benchmarks build it without a run).
+  config = _config(**{'teacher.cache': '/x', 'images.every': 2})
+  _one_line_error(lambda: trainer_lib.build_trainer(
+      config, mesh=sharding_lib.make_mesh(config.mesh), total_steps=2, warmup_steps=1,
+      vocab_size=64), 'images.every')
 
 
 def test_view_per_visit_is_a_function_of_the_record_rng(tmp_path):
