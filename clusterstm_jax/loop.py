@@ -32,6 +32,7 @@ from clusterstm_jax import teacher as teacher_lib
 from clusterstm_jax import trainer as trainer_lib
 from clusterstm_jax.data import checks
 from clusterstm_jax.data import pipeline
+from clusterstm_jax.data import teacher_cache
 from clusterstm_jax.errors import Preempted, UserError
 from clusterstm_jax.evaluators import metrics as metrics_lib
 from clusterstm_jax.metric_writer import MetricWriter
@@ -69,6 +70,9 @@ def check(config, workdir: str | None = None) -> None:
   config_lib.validate(config, sharding_lib.batch_size_per_shard(mesh), jax.process_count())
   tasks_lib.name(config)
   pipeline.check_data_dir(config.data)
+  if tasks_lib.uses_teacher_cache(config):  # made for this config, complete
+    teacher_cache.check_config(config)
+    teacher_cache.open_manifest(config.teacher.cache, teacher_lib.cache_fingerprint(config))
   if config.init and not config.data.tokenizer and config.data.name != 'shapes':
     # Fine-tuning an export on real data: its tokenizer is the one its weights were trained with.
     config.data.tokenizer = exports.tokenizer_path(config.init)
@@ -185,11 +189,14 @@ def _train_and_evaluate(config, workdir: str) -> dict:
 
   # With a teacher, batches also carry the captions in the teacher's own ids (its tokenizer).
   teacher_text = teacher.text_stream if teacher is not None else None
+  decode, source = trainer.task.decode, train_source  # QA batches add questions, answers
+  if tasks_lib.uses_teacher_cache(config):  # batches carry a cached view's mask and target
+    source, decode = teacher_cache.for_training(
+        config.teacher.cache, teacher_lib.cache_fingerprint(config), source, decode)
   train_loader = pipeline.make_train_loader(
       config.data, tokenizer, global_batch_size=config.batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      decode=trainer.task.decode, source=train_source,  # QA batches add questions, answers
-      teacher_text=teacher_text)
+      decode=decode, source=source, teacher_text=teacher_text)
   train_iter = iter(train_loader)
   image_iter = None
   if image_every:

@@ -21,9 +21,11 @@ import jax.numpy as jnp
 
 from clusterstm_jax import exports
 from clusterstm_jax import sharding as sharding_lib
+from clusterstm_jax.data import teacher_cache
 from clusterstm_jax.data.tokenizer import Tokenizer
 from clusterstm_jax.data.tokenizer import open_tokenizer
 from clusterstm_jax.errors import UserError
+from clusterstm_jax.masking import strategies as masking
 from clusterstm_jax.models import common as models_common
 from clusterstm_jax.models import siglip
 from clusterstm_jax.tasks import base as tasks_base
@@ -108,6 +110,20 @@ def export_dir(config) -> str:
   the export of the teacher run in config.teacher.workdir."""
   tc = config.teacher
   return tc.export or os.path.join(tc.workdir, 'export')
+
+
+def source(config) -> str:
+  """The teacher's weights as a path (external weights, else its export): what an offline
+  teacher cache records it was made with."""
+  return config.teacher.get('init') or export_dir(config)
+
+
+def cache_fingerprint(config) -> dict:
+  """The fingerprint (data/teacher_cache.py) of a teacher cache made with, or for, `config`."""
+  _, h, w = tasks_base.grid(config)
+  return teacher_cache.fingerprint(config, source(config),
+                                   masking.num_keep(h * w, config.mask.ratio),
+                                   tasks_base.patch_size(config))
 
 
 def has_export(config) -> bool:

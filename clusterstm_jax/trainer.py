@@ -19,6 +19,7 @@ import optax
 from clusterstm_jax import config_lib
 from clusterstm_jax import sharding as sharding_lib
 from clusterstm_jax import tasks as tasks_lib
+from clusterstm_jax.data import teacher_cache
 from clusterstm_jax.errors import UserError
 
 State = dict  # {'step': int32[], 'params': pytree, 'opt_state': pytree}
@@ -135,6 +136,8 @@ def build_trainer(config, *, mesh, total_steps: int, warmup_steps: int, teacher=
   if tasks_lib.needs_teacher(config) and teacher is None:
     raise ValueError(f'mask.strategy={config.mask.strategy!r} / loss_weights.mrm need a teacher '
                      '(config.teacher)')
+  if tasks_lib.uses_teacher_cache(config):  # e.g. no image stream: its batches have no view
+    teacher_cache.check_config(config)
   task = tasks_lib.get(config, text, teacher)
   tx, schedule = make_optimizer(config, total_steps, warmup_steps)
   rules = sharding_lib.logical_rules(config.sharding_rules)

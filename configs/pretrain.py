@@ -75,6 +75,9 @@ def get_config(arg=None):
   # External weights (big_vision .npz or Hugging Face safetensors) and the architecture they
   # need; used instead of export/workdir when `init` is set (see models/siglip.py load()).
   config.teacher.init = ''
+  # An offline teacher cache (python -m clusterstm_jax.tools.teacher_cache): the step reads the
+  # mask and MRM target of a stored view of each clip and runs no teacher. '' = live teacher.
+  config.teacher.cache = ''
   config.teacher.model = ml_collections.ConfigDict(dict(
       vision_variant='B/16', text_variant='B', vocab_size=32000, text_len=64, out_dim=None))
   # The teacher's own tokenizer: batches carry `teacher_text`, the captions in its ids, at its

@@ -189,19 +189,29 @@ def eval_frames(frames: np.ndarray, num_frames: int, image_size: int) -> np.ndar
 
 def decode_example(ex: dict[str, Any], *, tokenizer: Tokenizer, num_frames: int, image_size: int,
                    max_text_len: int, rng: np.random.Generator | None,
-                   teacher_tokenizer: Tokenizer | None = None,
-                   teacher_text_len: int = 0) -> dict[str, np.ndarray]:
+                   teacher_tokenizer: Tokenizer | None = None, teacher_text_len: int = 0,
+                   view: tuple | None = None) -> dict[str, np.ndarray]:
   """One stored example -> fixed-shape arrays.
 
   rng=None (eval) takes the middle frame of each segment and a centred crop; an rng (train)
-  jitters both. Either way the result depends only on the example and the rng. A
+  jitters both. Either way the result depends only on the example and the rng. `view`: given
+  (frame indices [T], square crop (top, left, side)) instead (the teacher cache's views). A
   `teacher_tokenizer` adds `teacher_text`: the caption in the teacher's ids, teacher_text_len long.
   """
   jpegs = ex["frames"]
-  idx = video_io.sample_frame_indices(len(jpegs), num_frames, rng)
+  if view is None:
+    idx = video_io.sample_frame_indices(len(jpegs), num_frames, rng)
+  else:
+    idx = np.asarray(view[0])
   decoded = {i: video_io.decode_jpeg(jpegs[i]) for i in set(idx.tolist())}  # repeats decode once
   # Real frames keep their aspect ratio (short side stored): crop a square, then resize.
-  video, rows, cols = _crop_square(np.stack([decoded[i] for i in idx.tolist()]), rng)
+  video = np.stack([decoded[i] for i in idx.tolist()])
+  if view is None:
+    video, rows, cols = _crop_square(video, rng)
+  else:
+    top, left, side = (int(x) for x in view[1])
+    rows, cols = slice(top, top + side), slice(left, left + side)
+    video = video[:, rows, cols]
   video = video_io.resize(video, image_size)
   if ex.get("labels") is not None:
     labels = video_io.decode_label_strip(ex["labels"], len(jpegs))[idx][:, rows, cols]

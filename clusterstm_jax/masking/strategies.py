@@ -145,6 +145,11 @@ def compute_mask(strategy: str, rng, *, shape: tuple, num_keep: int, features=No
   return _output(keep, n, dpc.cluster_assign)
 
 
+def from_keep_idx(keep_idx: jax.Array, n: int) -> MaskOutput:
+  """The MaskOutput of given kept indices [B,T,N_c] (an offline teacher cache's); clusters -1."""
+  return _output(keep_idx, n, jnp.full((*keep_idx.shape[:-1], n), -1))
+
+
 def default_mask_config() -> ml_collections.ConfigDict:
   """The config block `config.mask` that ``mask_from_config`` reads."""
   return ml_collections.ConfigDict(dict(

@@ -17,7 +17,8 @@ from clusterstm_jax.tasks.base import Task
 from clusterstm_jax.tasks.base import TextSpec
 
 NAMES = ('clusterstm', 'siglip', 'retrieval_ft', 'qa', 'caption')
-__all__ = ['NAMES', 'Task', 'TextSpec', 'examples', 'get', 'name', 'needs_teacher']
+__all__ = ['NAMES', 'Task', 'TextSpec', 'examples', 'get', 'name', 'needs_teacher',
+           'uses_teacher_cache']
 
 
 def name(config) -> str:
@@ -31,6 +32,11 @@ def name(config) -> str:
 def needs_teacher(config) -> bool:
   """Whether the task's step takes a frozen teacher (cluster masking, MRM targets)."""
   return name(config) == 'clusterstm' and pretrain.needs_teacher(config)
+
+
+def uses_teacher_cache(config) -> bool:
+  """Whether the step reads the teacher's mask and MRM target from an offline cache."""
+  return name(config) == 'clusterstm' and pretrain.uses_cache(config)
 
 
 def examples(config) -> str:

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clusterstm_jax.data import pipeline
+from clusterstm_jax.masking import strategies as masking
 from clusterstm_jax.models import common as common_lib
 
 
@@ -48,6 +49,13 @@ def video_batch(config, batch_size: int, *, image: bool = False,
                index=np.arange(batch_size, dtype=np.int32))  # distinct videos
   if teacher_text_len:
     batch['teacher_text'] = np.zeros((batch_size, teacher_text_len), np.int32)
+  if 'teacher' in config and config.teacher.get('cache') and not image:
+    # The offline teacher cache's fields (data/teacher_cache.py): mask and MRM target.
+    _, h, w = grid(config)
+    nc = masking.num_keep(h * w, config.mask.ratio)
+    batch.update(keep_idx=np.tile(np.arange(nc, dtype=np.int32), (batch_size, t, 1)),
+                 mrm_target=np.zeros((batch_size, t, h * w), np.float32),
+                 text_emb=np.ones((batch_size, config.model.decoder.out_dim), np.float32))
   return batch
 
 

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from clusterstm_jax import losses
+from clusterstm_jax.data.teacher_cache import FIELDS as CACHE_FIELDS
 from clusterstm_jax.masking import stats as mask_stats
 from clusterstm_jax.masking import strategies as masking
 from clusterstm_jax.models import clusterstm as clusterstm_lib
@@ -35,9 +36,40 @@ def mlm_special_ids(text: base.TextSpec) -> tuple[int, ...]:
 
 
 def needs_teacher(config) -> bool:
-  """The student needs teacher features for cluster masking and for the MRM target."""
+  """The student needs teacher features for cluster masking and for the MRM target, unless
+  they come from an offline teacher cache (config.teacher.cache) in the batch."""
+  if uses_cache(config):
+    return False
   return (config.mask.strategy in masking.CLUSTER_STRATEGIES
           or config.loss_weights.get('mrm', 0.0) > 0)
+
+
+def uses_cache(config) -> bool:
+  return bool('teacher' in config and config.teacher.get('cache'))
+
+
+def teacher_signals(config, teacher, teacher_params, video, teacher_ids, mask_rng, grid_thw, *,
+                    mask_config=None) -> dict:
+  """What the frozen teacher gives one batch (video in [-1, 1]; `teacher_ids`: the captions in
+  the teacher's own ids, the batch's `teacher_text`): the kept-token indices of the mask
+  [B,T,N_c] (`mask_config`, default config.mask), and with MRM its per-token relevance target
+  [B,T,N] (before the per-clip standardisation) and its text feature [B,D]. The live step calls
+  this; the offline pass (tools/teacher_cache.py) calls it once and stores the result
+  (data/teacher_cache.FIELDS), which the cached step reads from the batch instead."""
+  b, t = video.shape[:2]
+  _, h, w = grid_thw
+  features = None
+  if teacher is not None:
+    features = jax.lax.stop_gradient(teacher.frame_tokens(teacher_params, video))
+  mask = masking.mask_from_config(mask_config or config.mask, mask_rng, (b, t, h * w), features)
+  out = {'keep_idx': mask.keep_idx}
+  if config.loss_weights.get('mrm', 0.0) > 0:
+    pooled = teacher.relevance_tokens(teacher_params, features, (h, w), config.mrm.window)
+    # The teacher's text tower reads its own ids (its tokenizer), never the student's.
+    text_emb = jax.lax.stop_gradient(teacher.text_embedding(teacher_params, teacher_ids))
+    out['mrm_target'] = losses.relevance_target(pooled, text_emb, in_batch=config.mrm.in_batch)
+    out['text_emb'] = text_emb
+  return out
 
 
 def retrieval_predict_fns(model) -> dict:
@@ -88,6 +120,7 @@ def build(config, text: base.TextSpec, teacher=None, *, name: str = 'clusterstm'
     raise ValueError(f"vtm.negatives must be 'hard' or 'random', got {vtm_negatives!r}")
   if use['mrm'] and not config.model.decoder.out_dim:
     raise ValueError('loss_weights.mrm > 0 needs model.decoder.out_dim (the teacher width)')
+  cached = uses_cache(config)  # the batch carries CACHE_FIELDS; no teacher in the step
 
   # The image stream's mask: images.mask_ratio where set (UMT: 0.5 for images), else the video's.
   image_ratio = config.images.get('mask_ratio', -1.0) if 'images' in config else -1.0
@@ -107,13 +140,20 @@ def build(config, text: base.TextSpec, teacher=None, *, name: str = 'clusterstm'
     apply = functools.partial(model.apply, {'params': params}, rngs={'dropout': dropout_rng})
     use_mrm = use['mrm'] and not unmasked
 
-    # Teacher: all tokens of every frame (no gradient), used by the masking and the MRM target.
-    features = mask = None
-    if teacher is not None and not unmasked:
-      features = jax.lax.stop_gradient(teacher.frame_tokens(teacher_params, video))
+    # The teacher's mask and MRM target: from the batch (offline cache) or the live teacher
+    # (all tokens of every frame, no gradient); the same fields either way.
+    mask = signals = None
     if not unmasked:
-      mask = masking.mask_from_config(image_mask if image else config.mask, mask_rng,
-                                      (b, t, n), features)
+      if cached:
+        signals = {k: batch[k] for k in CACHE_FIELDS}
+      else:
+        if use['mrm'] and 'teacher_text' not in batch:
+          raise ValueError("MRM needs the batch's 'teacher_text' (the caption in the teacher's "
+                           "own ids): make_train_loader(teacher_text=teacher.text_stream)")
+        signals = teacher_signals(config, teacher, teacher_params, video,
+                                  batch.get('teacher_text'), mask_rng, (t, h, w),
+                                  mask_config=image_mask if image else None)
+      mask = masking.from_keep_idx(signals['keep_idx'], n)
 
     # Student on the visible tokens only (every token during unmasked tuning).
     keep_idx = None if unmasked else mask.keep_idx
@@ -147,16 +187,8 @@ def build(config, text: base.TextSpec, teacher=None, *, name: str = 'clusterstm'
       fused = apply(masked_hidden, masked_ids, tokens, train=True, method=model.fuse)
       terms['mlm'] = losses.mlm_loss(apply(fused, method=model.mlm_logits), targets, mlm_w)
     if use_mrm:
-      k = config.mrm.window
-      pooled = teacher.relevance_tokens(teacher_params, features, (h, w), k)
-      if 'teacher_text' not in batch:
-        raise ValueError("MRM needs the batch's 'teacher_text' (the caption in the teacher's own "
-                         'ids): make_train_loader(teacher_text=teacher.text_stream)')
-      # The teacher's text tower reads its own ids (its tokenizer), never the student's.
-      text_emb = jax.lax.stop_gradient(teacher.text_embedding(teacher_params,
-                                                              batch['teacher_text']))
       in_batch = config.mrm.in_batch
-      target = losses.relevance_target(pooled, text_emb, in_batch=in_batch)
+      target, text_emb = signals['mrm_target'], signals['text_emb']
       decoded = apply(tokens, mask.keep_idx, (t, h, w), train=True, method=model.decode)
       std = config.mrm.get('standardize', False)  # configs from before it: raw cosines
       student = losses.student_relevance(decoded, text_emb, in_batch=in_batch,

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 def time_interleaved(fns: dict[str, Callable[[], None]], repeats: int,
                      rewarm: tuple[str, ...] = ()) -> dict[str, dict]:
-  """Median and min seconds of each no-argument blocking callable. After two untimed calls
+  """Median, min and max seconds of each no-argument blocking callable. After two untimed calls
   each (compile, warm-up), the timed calls go round-robin so load changes hit all alike.
   The short calls named in `rewarm` get one untimed call before each timed one: right after a
   multi-second step the first call runs ~2x slower (measured: masking 209 ms interleaved, 110 ms
@@ -27,7 +27,8 @@ def time_interleaved(fns: dict[str, Callable[[], None]], repeats: int,
       t = time.perf_counter()
       fn()
       times[name].append(time.perf_counter() - t)
-  return {name: dict(median=statistics.median(v), min=min(v)) for name, v in times.items()}
+  return {name: dict(median=statistics.median(v), min=min(v), max=max(v))
+          for name, v in times.items()}
 
 
 def time_ms(fn, *args, repeats: int) -> tuple[float, float]:
