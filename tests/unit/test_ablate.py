@@ -3,10 +3,12 @@ bookkeeping, with fake training runs (the real short path is in tests/integratio
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
 from configs import pretrain
+from clusterstm_jax import tasks as tasks_lib
 from clusterstm_jax.errors import UserError
 from clusterstm_jax.tools import ablate
 from clusterstm_jax.tools import ablate_stats as stats
@@ -170,3 +172,19 @@ def test_sweep_rejects_bad_arguments_before_training(tmp_path, kw, match):
   with pytest.raises(UserError, match=match):
     ablate.run_sweep(pretrain.get_config('smoke'), str(tmp_path / 'out'), **args)
   assert not (tmp_path / 'out').exists()
+
+
+def test_variants_of_one_seed_start_from_the_same_parameters():
+  def init(variant, seed_offset):
+    config = ablate.run_config(pretrain.get_config('smoke'), variant, seed_offset, 2, 1, 'tiny')
+    task = tasks_lib.get(config, tasks_lib.TextSpec(256))
+    key = jax.random.key(config.seed)  # what loop.run's init_state gets
+    return jax.jit(lambda k: task.model.init({'params': k, 'dropout': k},
+                                             *task.init_inputs)['params'])(key)
+
+  ref = jax.tree.leaves(init('clusterstm', 0))
+  for variant in ('clusterstm_no_mrm', 'random'):
+    other = jax.tree.leaves(init(variant, 0))
+    assert len(other) == len(ref)
+    assert all(np.array_equal(a, b) for a, b in zip(ref, other)), variant
+  assert not all(np.array_equal(a, b) for a, b in zip(ref, jax.tree.leaves(init('clusterstm', 1))))
