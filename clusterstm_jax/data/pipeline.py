@@ -36,7 +36,9 @@ def default_data_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
       "name": "shapes",
       "data_dir": os.environ.get("CLUSTERSTM_DATA_DIR", "~/.cache/clusterstm_jax/data"),
-      "builder_config": "default",  # shapes: 'default' (20000/1000/1000) or 'tiny' (512/64/64)
+      # shapes: 'default' (20000/1000/1000), 'tiny' (512/64/64), and each with transient
+      # distractors: 'distractors', 'tiny_distractors'
+      "builder_config": "default",
       "num_frames": 4,
       "image_size": 64,
       "max_text_len": 32,

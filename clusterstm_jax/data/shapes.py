@@ -1,6 +1,7 @@
 """The procedural "shapes" video-text generator (pure numpy, deterministic from a seed).
 
-Owns: what a synthetic clip is (1-3 coloured shapes moving over a textured background), how it
+Owns: what a synthetic clip is (1-3 coloured shapes moving over a textured background, and in
+the distractor variant 1-2 transient shapes that no text mentions), how it
 is rendered (frames + per-frame object label maps, vectorised numpy, ~0.5 ms a clip), the text
 that goes with it (caption, question-answer pairs), the splits (eval captions unique, motion-only
 pairs) and the stored bytes of a clip (`render_encoded`). The TFDS builder in
@@ -44,6 +45,9 @@ _COLOUR_NAMES, _SIZE_NAMES, _MOTION_NAMES = list(COLOURS), list(SIZES), list(MOT
 _RADII = list(SIZES.values())
 _RAMP = np.linspace(0, 1, 256, dtype=np.float32)
 _SPLIT_CODES = {"train": 0, "val": 1, "validation": 1, "test": 2}
+# Label-map value of distractor pixels: above any object id, so object statistics ignore them.
+DISTRACTOR_LABEL = 255
+MAX_DISTRACTOR_FRAMES = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +62,18 @@ class Obj:
 
 
 @dataclasses.dataclass(frozen=True)
+class Distractor:
+  """A static shape on screen in frames first..first+frames-1 only (1 or 2), in no text."""
+  colour: str
+  size: str
+  shape: str
+  cx: float
+  cy: float
+  first: int
+  frames: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Scene:
   objects: tuple[Obj, ...]  # draw order: later objects occlude earlier ones
   travel: float  # pixels covered by a moving object over the whole clip
@@ -69,6 +85,7 @@ class Scene:
   order: tuple[int, ...]  # object order in the caption (not draw order)
   num_frames: int
   size: int
+  distractors: tuple[Distractor, ...] = ()  # drawn under the objects; captions ignore them
 
   def key(self) -> tuple:
     """What the caption says, order-free: two scenes with one key are indistinguishable in text."""
@@ -125,6 +142,25 @@ def sample_scene(rng: np.random.Generator, num_frames: int = 8, size: int = 64,
       (_muted_colour(*u[3:6]), _muted_colour(*u[6:9])), tuple(rng.random(3).tolist()),
       rng.random((6, 6), dtype=np.float32), int(u[9] * NUM_TEMPLATES),
       tuple(rng.permutation(n).tolist()), num_frames, size)
+
+
+def add_distractors(scene: Scene, rng: np.random.Generator, max_count: int) -> Scene:
+  """`scene` with 1..max_count distractors: colours that no object of the clip has (so the text
+  stays unambiguous), any shape and size, anywhere, in 1-2 consecutive frames."""
+  n = int(rng.integers(1, max_count + 1))
+  used = {o.colour for o in scene.objects}
+  free = [c for c in _COLOUR_NAMES if c not in used]
+  colours = rng.permutation(len(free))[:n].tolist()
+  attrs = rng.integers(0, [len(SIZES), len(SHAPES), MAX_DISTRACTOR_FRAMES], size=(n, 3)).tolist()
+  u = rng.random((n, 3)).tolist()
+  out = []
+  for c, (size_i, shape_i, extra), (ux, uy, ut) in zip(colours, attrs, u):
+    frames = 1 + extra
+    r = _RADII[size_i] * scene.size / 64.0
+    span = scene.size - 2 * (r + 1)
+    out.append(Distractor(free[c], _SIZE_NAMES[size_i], SHAPES[shape_i], r + 1 + span * ux,
+                          r + 1 + span * uy, int(ut * (scene.num_frames - frames + 1)), frames))
+  return dataclasses.replace(scene, distractors=tuple(out))
 
 
 @functools.lru_cache(maxsize=None)
@@ -191,27 +227,39 @@ def trajectory(scene: Scene, obj: Obj) -> tuple[np.ndarray, np.ndarray]:
   return obj.cx + mx * scene.travel * t, obj.cy + my * scene.travel * t
 
 
+def _paint(pixels: np.ndarray, labels: np.ndarray, s: int, t: np.ndarray, cx: np.ndarray,
+           cy: np.ndarray, shape: str, r: float, rgb: list[int], label: int) -> None:
+  """Draws `shape` (half-extent r) centred at (cx[i], cy[i]) into frame t[i], for every i."""
+  # Only a small window around the object in each frame is tested, not the whole frame.
+  win = int(np.ceil(2 * r)) + 2
+  x0 = np.minimum(np.maximum((cx - r).astype(np.intp) - 1, 0), s - win)  # cx - r > 0
+  y0 = np.minimum(np.maximum((cy - r).astype(np.intp) - 1, 0), s - win)
+  u = np.arange(win, dtype=np.intp)
+  xs, ys = x0[:, None] + u, y0[:, None] + u  # [T, win] pixel columns / rows
+  m = _shape_mask(shape, (xs + 0.5 - cx[:, None])[:, None, :],
+                  (ys + 0.5 - cy[:, None])[:, :, None], r)  # [T, win, win]
+  flat = ((t * (s * s))[:, None, None] + ys[:, :, None] * s + xs[:, None, :])[m]
+  labels[flat] = label  # later objects overwrite earlier ones: occlusion
+  pixels[flat] = rgb
+
+
 def render_scene(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
-  """Frames uint8 [T, H, W, 3] and label maps uint8 [T, H, W] (0 = background, k = k-th drawn)."""
+  """Frames uint8 [T, H, W, 3] and label maps uint8 [T, H, W] (0 = background, k = k-th drawn
+  object, DISTRACTOR_LABEL = a distractor; distractors are drawn first, under the objects)."""
   s, n_t = scene.size, scene.num_frames
   labels = np.zeros(n_t * s * s, np.uint8)
   frames = np.broadcast_to(_background(scene), (n_t, s, s, 3)).copy()
   pixels = frames.reshape(-1, 3)  # a view: scattering into it draws into frames
-  t_off = np.arange(n_t, dtype=np.intp) * (s * s)
+  for d in scene.distractors:
+    t = np.arange(d.first, d.first + d.frames, dtype=np.intp)
+    pos = np.full(d.frames, d.cx, np.float32), np.full(d.frames, d.cy, np.float32)
+    _paint(pixels, labels, s, t, *pos, d.shape, SIZES[d.size] * s / 64.0, list(COLOURS[d.colour]),
+           DISTRACTOR_LABEL)
+  t_all = np.arange(n_t, dtype=np.intp)
   for k, obj in enumerate(scene.objects):
     cx, cy = trajectory(scene, obj)
-    r = SIZES[obj.size] * s / 64.0
-    # Only a small window around the object in each frame is tested, not the whole frame.
-    win = int(np.ceil(2 * r)) + 2
-    x0 = np.minimum(np.maximum((cx - r).astype(np.intp) - 1, 0), s - win)  # cx - r > 0
-    y0 = np.minimum(np.maximum((cy - r).astype(np.intp) - 1, 0), s - win)
-    u = np.arange(win, dtype=np.intp)
-    xs, ys = x0[:, None] + u, y0[:, None] + u  # [T, win] pixel columns / rows
-    m = _shape_mask(obj.shape, (xs + 0.5 - cx[:, None])[:, None, :],
-                    (ys + 0.5 - cy[:, None])[:, :, None], r)  # [T, win, win]
-    flat = (t_off[:, None, None] + ys[:, :, None] * s + xs[:, None, :])[m]
-    labels[flat] = k + 1  # later objects overwrite earlier ones: occlusion
-    pixels[flat] = [min(255, max(0, c + d)) for c, d in zip(COLOURS[obj.colour], obj.tint)]
+    _paint(pixels, labels, s, t_all, cx, cy, obj.shape, SIZES[obj.size] * s / 64.0,
+           [min(255, max(0, c + d)) for c, d in zip(COLOURS[obj.colour], obj.tint)], k + 1)
   return frames, labels.reshape(n_t, s, s)
 
 
@@ -290,13 +338,17 @@ def split_rng(split: str, seed: int) -> np.random.Generator:
 
 
 def split_scenes(split: str, num_examples: int, seed: int, *, num_frames: int = 8, size: int = 64,
-                 pair_fraction: float = 0.5) -> Iterator[tuple[int, int, Scene]]:
+                 pair_fraction: float = 0.5,
+                 distractors: int = 0) -> Iterator[tuple[int, int, Scene]]:
   """Yields (id, pair, scene) for ids 0..n-1; `pair` is the id of the motion-only partner or -1.
 
   Eval splits have unique content keys, hence unique captions: no two clips fit one text.
-  Partners have consecutive ids.
+  Partners have consecutive ids. With distractors > 0, every clip gets 1..distractors transient
+  distractors from a stream of their own: the scenes, texts and ids are those of
+  distractors = 0, which stays exactly as it was.
   """
   rng = split_rng(split, seed)
+  distractor_rng = np.random.default_rng([seed, _SPLIT_CODES[split], 1]) if distractors else None
   unique = split in EVAL_SPLITS
   seen_keys, seen_caps = set(), set()
   i = 0
@@ -317,19 +369,21 @@ def split_scenes(split: str, num_examples: int, seed: int, *, num_frames: int = 
         assert sc.key() not in seen_keys and cap not in seen_caps, cap
         seen_keys.add(sc.key())
         seen_caps.add(cap)
+      if distractor_rng is not None:
+        sc = add_distractors(sc, distractor_rng, distractors)
       yield i + j, ((i + 1 - j) if len(group) == 2 else -1), sc
     i += len(group)
 
 
 def generate_split(split: str, num_examples: int, seed: int, *, num_frames: int = 8,
-                   size: int = 64, pair_fraction: float = 0.5,
+                   size: int = 64, pair_fraction: float = 0.5, distractors: int = 0,
                    render: bool = True) -> Iterator[dict]:
   """Clips of a split as dicts (see split_scenes) with `id` and `pair` added.
 
   With render=False only text and metadata are made, from the same random stream.
   """
   for i, pair, scene in split_scenes(split, num_examples, seed, num_frames=num_frames, size=size,
-                                     pair_fraction=pair_fraction):
+                                     pair_fraction=pair_fraction, distractors=distractors):
     ex = describe(scene)
     if render:
       ex["frames"], ex["labels"] = render_scene(scene)

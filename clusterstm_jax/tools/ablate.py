@@ -1,46 +1,65 @@
-r"""The masking/MRM ablation: several variants x seeds, each its own training run, one table.
+r"""The masking/MRM ablation: datasets x variants x paired seeds, each its own training run,
+evaluated before and after unmasked tuning; paired differences with bootstrap intervals.
 
   python -m clusterstm_jax.tools.ablate --config=configs/pretrain.py --out=DIR \
-      [--seeds=3] [--steps=N] [--variants=clusterstm,random,...] [--config.x=y ...]
+      [--datasets=default,distractors] [--seeds=3] [--steps=N] [--tune_steps=K] \
+      [--variants=clusterstm,random,...] [--config.x=y ...]
 
-Variants (same config, same mask ratio, same step budget, same shared teacher):
-  clusterstm              cluster-wise masking, temporal-density pick (the method)
+Variants (same config, same mask ratio, same step budget, the same teacher per dataset):
+  clusterstm              cluster-wise masking, temporal-density pick (the method; the reference)
   clusterstm_random_pick  the same clusters, a random token kept per cluster
   random                  uniform random masking per frame
   tube                    one random spatial keep set per clip, the same in every frame
   clusterstm_no_mrm       clusterstm with loss_weights.mrm = 0
-The variant sets mask.strategy (and loss_weights.mrm for *_no_mrm); every other field, and every
---config.x=y, is the same for all runs. Seed i of a variant uses config.seed + i (init, masks and
-data order all follow it).
+The variant sets mask.strategy (and loss_weights.mrm for *_no_mrm); --datasets sets
+data.builder_config (shapes: default, distractors; tiny, tiny_distractors for tests; empty = the
+config's). Every other field, and every --config.x=y, is the same for all runs.
 
-Each run lives in DIR/<variant>/seed<seed>/ and is a plain training run (loop.run), so a
-sweep that is interrupted resumes when the same command is run again: a run with results.json is
-reused without touching jax, a partial one resumes from its latest checkpoint. Each run's config
-is stored next to it (ablate_run.json); reusing a run made with different settings is an error.
+Paired seeds: seed i of every variant and dataset is config.seed + i, and the seed is all that
+decides the init (jax.random.key(seed); the variants share one parameter tree), the data order
+(grain's shuffle seed) and every step's randomness (fold_in(key(seed + 1), step): random masks,
+VTM negatives, MLM), so differences between variants at one seed are the variants' own.
 
-Runs are sequential and in-process (one jax runtime). Every run builds its own jitted step, so
-seeds of one variant would compile the same programs again; jax's persistent compilation cache
-(DIR/jax_cache, --nocompile_cache to turn off) makes that a disk read. Order is seed-major
-(every variant for seed 0, then seed 1, ...) so a sweep stopped early still compares all variants.
-After every run the table is rewritten to DIR/ablation.md and DIR/ablation.json (per-seed values
-included); the final table, zero-shot R@1 as mean +- sample std over seeds, is printed.
+One run: --steps masked steps, then --tune_steps unmasked steps (every token, no teacher; FLIP /
+UMT's unmasked tuning), one cosine schedule over both (total_steps = steps + tune_steps,
+unmasked_steps = tune_steps). The run halts at the end of the masked steps; its checkpoint there
+is evaluated ('before'), then it resumes through the tuning steps and is evaluated again
+('after'). Each evaluation ranks every query of the val and test splits (zero-shot, contrastive)
+and stores the per-query ranks, which the tables pool (tools/ablate_stats.py).
+
+Resumable: each run lives in DIR/<dataset>/<variant>/seed<seed>/ with its config fingerprint
+(ablate_run.json; other settings there are an error), before.json and after.json (written
+atomically, after.json last): a finished run is not touched again; an interrupted one resumes
+from its latest checkpoint (loop.run), its 'before' evaluation is reused once written. Teachers
+live in DIR/teachers/<dataset>/ (trained by the first run of each dataset, then reused).
+Order is seed-major (every dataset and variant for seed 0, then seed 1, ...), so a sweep stopped
+early still compares all variants. After every run DIR/ablation.md and DIR/ablation.json are
+rewritten. Compiled programs are kept in DIR/jax_cache (--nocompile_cache: off).
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
 
 from absl import flags
 import jax
+import ml_collections
+import numpy as np
 
 from clusterstm_jax import cli
-from clusterstm_jax import config_lib
+from clusterstm_jax import evaluators
+from clusterstm_jax import loading
 from clusterstm_jax import loop
+from clusterstm_jax import sharding as sharding_lib
+from clusterstm_jax import tasks as tasks_lib
+from clusterstm_jax.data import checks
 from clusterstm_jax.data import pipeline
 from clusterstm_jax.errors import UserError
+from clusterstm_jax.evaluators import metrics as metrics_lib
+from clusterstm_jax.evaluators import retrieval
+from clusterstm_jax.tools import ablate_stats as stats
 
 # name -> (mask.strategy, MRM weight or None to keep the config's)
 VARIANTS = {
@@ -50,17 +69,21 @@ VARIANTS = {
     'tube': ('tube', None),
     'clusterstm_no_mrm': ('clusterstm', 0.0),
 }
-METRICS = ('zeroshot_t2v_R@1', 'zeroshot_v2t_R@1')
+REFERENCE = 'clusterstm'
+POOLED_SPLITS = ('val', 'test')
 RUN_FILE = 'ablate_run.json'
 # Fields that change how a run is logged, saved or read, not what it computes: they may differ
-# when a sweep is resumed (e.g. halt_at_step to stop early, the data moved to another disk).
+# when a sweep is resumed (e.g. the data moved to another disk). halt_at_step is ablate's own.
 BOOKKEEPING = ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
                'async_checkpointing', 'halt_at_step', 'eval_batch_size', 'data.data_dir',
-               'data.worker_count', 'data.read_threads', 'data.read_buffer_size')
+               'data.worker_count', 'data.read_threads', 'data.read_buffer_size',
+               'teacher.workdir')
 
 
-def run_config(base, variant: str, seed_offset: int, steps: int | None):
-  """The config of one run: `base` with the variant's masking/MRM, the seed and the budget."""
+def run_config(base, variant: str, seed_offset: int, steps: int, tune_steps: int,
+               dataset: str = '', teacher_dir: str = ''):
+  """The config of one run: `base` with the variant's masking/MRM, the dataset, the seed, the
+  budget (steps masked + tune_steps unmasked, one schedule) and the dataset's teacher."""
   if variant not in VARIANTS:
     raise UserError(f'unknown variant {variant!r}; known: {", ".join(VARIANTS)}')
   strategy, mrm = VARIANTS[variant]
@@ -68,11 +91,16 @@ def run_config(base, variant: str, seed_offset: int, steps: int | None):
   config.mask.strategy = strategy
   if mrm is not None:
     config.loss_weights.mrm = mrm
+  if dataset:
+    config.data.builder_config = dataset
+  if teacher_dir and not (config.teacher.get('init') or config.teacher.export):
+    config.teacher.workdir = teacher_dir
   config.seed = base.seed + seed_offset
-  if steps is not None:
-    config.total_steps = steps
-    config.total_epochs = -1.0
-    config.total_examples = -1
+  config.total_steps = steps + tune_steps
+  config.total_epochs = -1.0
+  config.total_examples = -1
+  config.unmasked_steps = tune_steps
+  config.halt_at_step = -1
   return config
 
 
@@ -92,13 +120,23 @@ def fingerprint(config) -> dict:
   return {k: v for k, v in flat.items() if k not in BOOKKEEPING}
 
 
-def run_one(config, workdir: str) -> dict:
-  """Trains (or resumes, or reuses) one run; returns its results dict."""
+def _write_json(path: str, value) -> None:
+  with open(path + '.tmp', 'w') as f:
+    json.dump(value, f)
+  os.replace(path + '.tmp', path)
+
+
+def _read_json(path: str):
+  with open(path) as f:
+    return json.load(f)
+
+
+def claim_workdir(config, workdir: str) -> None:
+  """Records the run's fingerprint in a new workdir, or checks it against the stored one."""
   stored_path = os.path.join(workdir, RUN_FILE)
   want = fingerprint(config)
   if os.path.exists(stored_path):
-    with open(stored_path) as f:
-      have = json.load(f)
+    have = _read_json(stored_path)
     diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
     if diff:
       shown = ', '.join(f'{k}: {have.get(k)!r} -> {want.get(k)!r}' for k in diff[:3])
@@ -108,86 +146,60 @@ def run_one(config, workdir: str) -> dict:
     raise UserError(f'{workdir} exists but was not made by ablate (no {RUN_FILE}); use a new --out')
   else:
     os.makedirs(workdir, exist_ok=True)
-    with open(stored_path + '.tmp', 'w') as f:
-      json.dump(want, f, indent=1, sort_keys=True)
-    os.replace(stored_path + '.tmp', stored_path)
-  results_path = os.path.join(workdir, 'results.json')
-  if os.path.exists(results_path):  # written last, atomically: the run is complete
-    with open(results_path) as f:
-      return json.load(f)
-  return loop.run(config, workdir)
+    _write_json(stored_path, want)
 
 
-def mean_std(values: list[float]) -> tuple[float | None, float | None]:
-  """Mean and sample standard deviation (n - 1); std is None below two values."""
-  n = len(values)
-  if n == 0:
-    return None, None
-  mean = sum(values) / n
-  if n < 2:
-    return mean, None
-  return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-
-
-def summarize(per_seed: dict[str, dict[int, dict]], variants: list[str], seeds: list[int],
-              setup: dict) -> dict:
-  """The JSON summary: per variant, per-seed metrics and mean/std of each metric in METRICS."""
-  out = {'setup': setup, 'metrics': list(METRICS), 'variants': {}}
-  for v in variants:
-    runs = per_seed.get(v, {})
-    entry = {
-        'mask_strategy': VARIANTS[v][0],
-        'mrm_weight': setup['mrm_weight'] if VARIANTS[v][1] is None else VARIANTS[v][1],
-        'seeds': seeds,
-        'complete': all(s in runs for s in seeds),
-        'per_seed': {str(s): runs[s] for s in seeds if s in runs},
-    }
-    for m in METRICS:
-      values = [runs[s][m] for s in seeds if s in runs]
-      mean, std = mean_std(values)
-      entry[m] = {'mean': mean, 'std': std, 'n': len(values), 'values': values}
-    out['variants'][v] = entry
+def query_ranks(config, workdir: str, step: int) -> dict:
+  """Zero-shot retrieval of the run's checkpoint at `step`: {split: {'t2v': ranks, 'v2t':
+  ranks}} over the splits of POOLED_SPLITS the dataset has (else its eval split), every query
+  ranked against its own split's gallery by the contrastive similarity (loop.run_evals')."""
+  mesh = sharding_lib.make_mesh(config.mesh)
+  tokenizer = pipeline.get_tokenizer(config.data)
+  params = loading.restore_params(config, os.path.join(workdir, 'checkpoints'), step, mesh,
+                                  tokenizer.vocab_size)
+  task = tasks_lib.get(config, tasks_lib.TextSpec.from_tokenizer(tokenizer))
+  ctx = evaluators.Context(config=config, params=params, predict_fns=task.predict_fns,
+                           decode=task.decode, tokenizer=tokenizer, mesh=mesh)
+  have = checks.split_names(config.data)
+  splits = [x for x in POOLED_SPLITS if x in have] or [config.data.eval_split]
+  out = {}
+  for split in splits:
+    ev = ml_collections.ConfigDict(dict(type='retrieval', split=split, k=0,
+                                        batch_size=config.eval_batch_size))
+    video, text, _ = retrieval.encode_split(
+        ctx.loader(ev), mesh, ctx.jit(task.predict_fns['embed_video']),
+        ctx.jit(task.predict_fns['embed_text']), params)
+    sim = retrieval.similarity(video, text)  # text i describes video i
+    gt = np.arange(sim.shape[0])
+    out[split] = {'t2v': metrics_lib.retrieval_ranks(sim, gt).tolist(),
+                  'v2t': metrics_lib.retrieval_ranks(sim.T, gt).tolist()}
   return out
 
 
-def _cell(stat: dict) -> str:
-  if stat['mean'] is None:
-    return '-'
-  std = '-' if stat['std'] is None else f"{stat['std']:.1f}"
-  return f"{stat['mean']:.1f} ± {std}"
-
-
-def format_markdown(summary: dict) -> str:
-  s = summary['setup']
-  lines = [
-      f"# Ablation on {s['dataset']}: zero-shot retrieval R@1 (%), mean ± sample std over seeds",
-      '',
-      f"{s['steps']} steps, batch {s['batch_size']}, mask ratio {s['mask_ratio']}, "
-      f"seeds {s['seeds']}, teacher {s['teacher']}, eval split {s['eval_split']}.",
-  ] + ([f"Command: `{s['command']}`"] if s['command'] else []) + [
-      '',
-      '| variant | mask | MRM weight | t2v R@1 | v2t R@1 | seeds done |',
-      '|---|---|---|---|---|---|',
-  ]
-  for name, e in summary['variants'].items():
-    t2v, v2t = e['zeroshot_t2v_R@1'], e['zeroshot_v2t_R@1']
-    lines.append(f"| {name} | {e['mask_strategy']} | {e['mrm_weight']:g} | {_cell(t2v)} | "
-                 f"{_cell(v2t)} | {t2v['n']}/{len(e['seeds'])} |")
-  lines += ['', 'Per seed (t2v / v2t R@1):', '',
-            '| variant | ' + ' | '.join(f'seed {x}' for x in s['seeds']) + ' |',
-            '|---|' + '---|' * len(s['seeds'])]
-  for name, e in summary['variants'].items():
-    cells = []
-    for x in s['seeds']:
-      r = e['per_seed'].get(str(x))
-      cells.append('-' if r is None else
-                   f"{r['zeroshot_t2v_R@1']:.1f} / {r['zeroshot_v2t_R@1']:.1f}")
-    lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
-  return '\n'.join(lines) + '\n'
+def run_one(config, workdir: str, steps: int) -> dict:
+  """Trains, evaluates, tunes and evaluates one run (or resumes it, or reuses it);
+  returns {'before': evaluation, 'after': evaluation}. `config` is run_config's."""
+  claim_workdir(config, workdir)
+  before_path, after_path = (os.path.join(workdir, f'{x}.json') for x in stats.STAGES)
+  if os.path.exists(after_path):  # written last: the run is complete
+    return {'before': _read_json(before_path), 'after': _read_json(after_path)}
+  if not os.path.exists(before_path):
+    masked = config.copy_and_resolve_references()
+    masked.halt_at_step = steps  # saves a checkpoint at `steps` and returns
+    result = loop.run(masked, workdir)
+    if not result.get('halted') or result['step'] != steps:
+      raise UserError(f'{workdir}: expected the run to halt at step {steps} before its unmasked '
+                      f'tuning, it returned at step {result.get("step")}; use a new --out')
+    _write_json(before_path, query_ranks(config, workdir, steps))
+  before = _read_json(before_path)
+  loop.run(config, workdir)  # resumes at `steps`: the unmasked tuning steps, then its own eval
+  after = query_ranks(config, workdir, config.total_steps)
+  _write_json(after_path, after)
+  return {'before': before, 'after': after}
 
 
 def write_tables(out_dir: str, summary: dict) -> str:
-  md = format_markdown(summary)
+  md = stats.format_markdown(summary)
   for name, text in (('ablation.md', md), ('ablation.json', json.dumps(summary, indent=1))):
     path = os.path.join(out_dir, name)
     with open(path + '.tmp', 'w') as f:
@@ -202,54 +214,66 @@ def use_compile_cache(path: str) -> None:
     jax.config.update('jax_compilation_cache_dir', path)
 
 
-def run_sweep(base, out_dir: str, *, variants: list[str], num_seeds: int,
-              steps: int | None = None, command: str = '', compile_cache: bool = True) -> dict:
-  """Runs every (seed, variant) in `out_dir`, seed-major; returns the summary (ablation.json)."""
+def _summary(setup: dict, runs: dict, variants: list[str]) -> dict:
+  return {'setup': setup,
+          'datasets': {d: stats.summarize(runs.get(d, {}), variants, setup['seeds'], REFERENCE)
+                       for d in setup['datasets']}}
+
+
+def run_sweep(base, out_dir: str, *, variants: list[str], num_seeds: int, steps: int,
+              tune_steps: int, datasets: list[str] | None = None, command: str = '',
+              compile_cache: bool = True) -> dict:
+  """Runs every (seed, dataset, variant) in `out_dir`, seed-major; returns the summary
+  (ablation.json)."""
   if num_seeds < 1:
     raise UserError(f'--seeds={num_seeds} must be at least 1')
-  if steps is not None and steps < 1:
-    raise UserError(f'--steps={steps} must be at least 1')
+  if steps < 1 or tune_steps < 1:
+    raise UserError(f'--steps={steps} and --tune_steps={tune_steps} must be at least 1')
   if not variants:
     raise UserError('--variants is empty')
   for v in variants:
     if v not in VARIANTS:
       raise UserError(f'unknown variant {v!r}; known: {", ".join(VARIANTS)}')
-  if len(set(variants)) != len(variants):
-    raise UserError(f'--variants has duplicates: {",".join(variants)}')
+  if REFERENCE not in variants:
+    raise UserError(f'--variants must include {REFERENCE} (the paired differences\' reference)')
+  datasets = list(datasets or [base.data.builder_config])
+  for name in (variants, datasets):
+    if len(set(name)) != len(name):
+      raise UserError(f'duplicates in {",".join(name)}')
+  if base.halt_at_step >= 0:
+    raise UserError('--config.halt_at_step: ablate halts its runs itself; stop a sweep with a '
+                    'signal (SIGTERM/SIGINT save a checkpoint) and rerun the command to resume')
+  for d in datasets:  # before any training: a misspelt dataset fails now
+    checks.split_names(run_config(base, REFERENCE, 0, steps, tune_steps, d).data)
   os.makedirs(out_dir, exist_ok=True)
   if compile_cache:
     use_compile_cache(os.path.join(out_dir, 'jax_cache'))
   seeds = [base.seed + i for i in range(num_seeds)]
-  first = run_config(base, variants[0], 0, steps)
-  train_size = None
-  if first.total_steps < 0:  # epochs/examples: the table reports the resolved steps
-    train_size = len(pipeline.get_source(first.data, first.data.train_split))
+  first = run_config(base, REFERENCE, 0, steps, tune_steps, datasets[0])
+  have = checks.split_names(first.data)
   setup = {
-      'dataset': ':'.join(x for x in (first.data.name, first.data.builder_config) if x),
-      'steps': config_lib.steps('total', first, data_size=train_size,
-                                batch_size=first.batch_size),
+      'datasets': datasets, 'masked_steps': steps, 'tune_steps': tune_steps,
       'batch_size': first.batch_size, 'mask_ratio': first.mask.ratio,
-      'mrm_weight': base.loss_weights.mrm, 'seeds': seeds,
-      'teacher': first.teacher.export or first.teacher.workdir,
-      'eval_split': first.data.eval_split, 'command': command,
+      'mrm_weight': base.loss_weights.mrm, 'seeds': seeds, 'reference': REFERENCE,
+      'splits': [x for x in POOLED_SPLITS if x in have] or [first.data.eval_split],
+      'command': command,
   }
-  per_seed: dict[str, dict[int, dict]] = {}
+  runs: dict = {}  # dataset -> variant -> seed -> {'before', 'after'}
   for i, seed in enumerate(seeds):
-    for v in variants:
-      workdir = os.path.join(out_dir, v, f'seed{seed}')
-      t0 = time.perf_counter()
-      print(f'\n=== ablate: {v} seed {seed} -> {workdir}', flush=True)
-      results = run_one(run_config(base, v, i, steps), workdir)
-      if results.get('halted'):
-        print(f'halted at step {results["step"]} (halt_at_step); run the same command again to '
-              'resume the sweep.', flush=True)
-        return summarize(per_seed, variants, seeds, setup)
-      per_seed.setdefault(v, {})[seed] = {k: results[k] for k in sorted(results)
-                                          if k.startswith('zeroshot_')}
-      print(f'=== ablate: {v} seed {seed} done in {time.perf_counter() - t0:.0f}s: ' +
-            ', '.join(f'{m} {results[m]:.1f}' for m in METRICS), flush=True)
-      write_tables(out_dir, summarize(per_seed, variants, seeds, setup))
-  summary = summarize(per_seed, variants, seeds, setup)
+    for d in datasets:
+      teacher_dir = os.path.join(out_dir, 'teachers', d)
+      for v in variants:
+        workdir = os.path.join(out_dir, d, v, f'seed{seed}')
+        t0 = time.perf_counter()
+        print(f'\n=== ablate: {d} {v} seed {seed} -> {workdir}', flush=True)
+        config = run_config(base, v, i, steps, tune_steps, d, teacher_dir)
+        result = run_one(config, workdir, steps)
+        runs.setdefault(d, {}).setdefault(v, {})[seed] = result
+        print(f'=== ablate: {d} {v} seed {seed} done in {time.perf_counter() - t0:.0f}s: ' +
+              ', '.join(f'{st} {x} R@1 {stats.recall(stats.pooled_ranks(result[st], x)):.1f}'
+                        for st in stats.STAGES for x in stats.DIRECTIONS), flush=True)
+        write_tables(out_dir, _summary(setup, runs, variants))
+  summary = _summary(setup, runs, variants)
   print('\n' + write_tables(out_dir, summary))
   return summary
 
@@ -261,8 +285,11 @@ def define_flags() -> None:
   cli.define_config('configs/pretrain.py',
                     'Base config (configs/*.py[:arg]); --config.x=y applies to all.')
   flags.DEFINE_string('out', None, 'Sweep directory: one workdir per run, plus the tables.')
+  flags.DEFINE_list('datasets', [], 'shapes builder configs (data.builder_config) to run on, '
+                    'e.g. default,distractors; empty: the config\'s.')
   flags.DEFINE_integer('seeds', 3, 'Seeds per variant (config.seed, config.seed + 1, ...).')
-  flags.DEFINE_integer('steps', None, 'Training steps of every run (default: the config\'s).')
+  flags.DEFINE_integer('steps', 160, 'Masked training steps of every run.')
+  flags.DEFINE_integer('tune_steps', 20, 'Unmasked tuning steps after them (>= 1).')
   flags.DEFINE_list('variants', list(VARIANTS), f'Subset of {",".join(VARIANTS)}.')
   flags.DEFINE_bool('compile_cache', True, 'Keep compiled programs in DIR/jax_cache so that '
                     'runs after the first of each variant skip compilation.')
@@ -271,7 +298,8 @@ def define_flags() -> None:
 def main() -> None:
   command = ' '.join(['python -m clusterstm_jax.tools.ablate'] + sys.argv[1:])
   run_sweep(FLAGS.config, FLAGS.out, variants=FLAGS.variants, num_seeds=FLAGS.seeds,
-            steps=FLAGS.steps, compile_cache=FLAGS.compile_cache, command=command)
+            steps=FLAGS.steps, tune_steps=FLAGS.tune_steps, datasets=FLAGS.datasets,
+            compile_cache=FLAGS.compile_cache, command=command)
 
 
 if __name__ == '__main__':

@@ -1,5 +1,6 @@
 """The mask tools (masks, coverage) end to end on the smoke config, with a smoke teacher
 trained once for the module in a tmp workdir."""
+import json
 import math
 import os
 import subprocess
@@ -131,3 +132,29 @@ def test_coverage_cli_prints_the_table(setup):
     row = next(line for line in lines if line.startswith(strategy + ' '))
     values = [float(v) for v in row.split()[1:]]
     assert len(values) == len(coverage.COLUMNS) and all(math.isfinite(v) for v in values)
+
+
+@pytest.mark.slow
+def test_ablate_cli_runs_stages_and_a_rerun_trains_nothing(tmp_path):
+  """The one real end-to-end path of tools/ablate (the bookkeeping is unit-tested with fakes)."""
+  out = tmp_path / 'sweep'
+  cmd = [sys.executable, '-m', 'clusterstm_jax.tools.ablate', '--config=configs/pretrain.py:smoke',
+         f'--config.data.data_dir={tmp_path / "data"}', f'--out={out}', '--seeds=1',
+         '--steps=2', '--tune_steps=1', '--variants=clusterstm,random', '--datasets=tiny']
+  r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+  assert r.returncode == 0, r.stderr[-3000:]
+  for v in ('clusterstm', 'random'):
+    wd = out / 'tiny' / v / 'seed0'
+    for stage in ('before', 'after'):
+      ev = json.loads((wd / f'{stage}.json').read_text())
+      assert sorted(ev) == ['test', 'val']
+      assert len(ev['val']['t2v']) == len(ev['test']['v2t']) == 64  # tiny: 64 clips a split
+      assert all(1 <= x <= 64 for x in ev['val']['t2v'])
+  assert (out / 'teachers' / 'tiny' / 'export' / 'config.json').exists()
+  md = (out / 'ablation.md').read_text()
+  rows = [line for line in md.splitlines() if line.startswith('| random |')]
+  assert len(rows) == 2 and '[' in rows[1]  # its R@1 row, and its paired difference with CI
+  again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert 'Training the teacher' not in again.stdout and 'Zero-shot' not in again.stdout
+  assert (out / 'ablation.md').read_text() == md

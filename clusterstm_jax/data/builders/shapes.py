@@ -34,6 +34,9 @@ class ShapesConfig(tfds.core.BuilderConfig):
   image_size: int = 64
   seed: int = 0
   pair_fraction: float = 0.5  # share of clips that come with a motion-only partner
+  # Transient distractors per clip, at most (0 = none): shapes in 1-2 frames that no text
+  # mentions (shapes.add_distractors). The clips' objects, texts and tokenizer do not change.
+  distractors: int = 0
   vocab_size: int = 256
   jpeg_quality: int = 90
   # Render+encode worker processes (None = one per CPU, beside this process that serialises
@@ -60,6 +63,10 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
       ShapesConfig(name="default", description="20000/1000/1000 clips of 8 frames, 64x64."),
       ShapesConfig(name="tiny", description="512/64/64 clips, for tests.",
                    num_train=512, num_val=64, num_test=64),
+      ShapesConfig(name="distractors", description="The default clips, each with 1-2 transient "
+                   "distractors (in 1-2 frames, in no caption or question).", distractors=2),
+      ShapesConfig(name="tiny_distractors", description="The tiny clips with distractors.",
+                   num_train=512, num_val=64, num_test=64, distractors=2),
   ]
 
   def __init__(self, *, file_format: str = "array_record", **kwargs):
@@ -106,7 +113,8 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
 def split_items(cfg: ShapesConfig, split: str) -> Iterator[tuple[int, int, shapes.Scene]]:
   num = {"train": cfg.num_train, "val": cfg.num_val, "test": cfg.num_test}[split]
   return shapes.split_scenes(split, num, cfg.seed, num_frames=cfg.num_frames,
-                             size=cfg.image_size, pair_fraction=cfg.pair_fraction)
+                             size=cfg.image_size, pair_fraction=cfg.pair_fraction,
+                             distractors=cfg.distractors)
 
 
 def _ordered_map(fn: Callable, items: Iterable, arg: Callable, workers: int,
