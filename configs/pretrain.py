@@ -32,6 +32,9 @@ def get_config(arg=None):
   config.data = default_data_config()
   config.data.num_frames = 4
   config.data.image_size = 64
+  # Decoding overlapped with the step: grain workers from the host's cores, 2 batches ahead
+  # on the devices (data/prefetch.py; docs/results.md, "Input pipeline").
+  config.data.worker_count = -1
   # Image batches (T = 1) alternating with the video batches; off unless `images` or `paper`.
   config.images = default_image_config()
 
@@ -142,6 +145,7 @@ def get_config(arg=None):
     config.model.text_depth = 2
     config.model.embed_dim = 32
     config.model.decoder.update(width=32, depth=1, num_heads=2, mlp_dim=64, out_dim=32)
+    config.data.worker_count = 0  # tests: no worker processes to start for 6 steps
     config.batch_size = 16
     config.eval_batch_size = 16
     config.total_steps = 6

@@ -56,7 +56,8 @@ RUN_FILE = 'ablate_run.json'
 # when a sweep is resumed (e.g. halt_at_step to stop early, the data moved to another disk).
 BOOKKEEPING = ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
                'async_checkpointing', 'halt_at_step', 'eval_batch_size', 'data.data_dir',
-               'data.worker_count', 'data.read_threads', 'data.read_buffer_size')
+               'data.worker_count', 'data.worker_buffer_size', 'data.prefetch', 'data.read_threads',
+               'data.read_buffer_size')
 
 
 def run_config(base, variant: str, seed_offset: int, steps: int | None):
