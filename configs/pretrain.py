@@ -128,10 +128,11 @@ def get_config(arg=None):
     config.unmasked_steps = 0
     config.mesh = (('data', 1), ('fsdp', -1), ('tensor', 1))
     config.sharding_rules = 'fsdp'
-    # Memory (docs/results.md, "Memory policy"): bf16 activations and matmuls, every
-    # transformer block rematerialised. XLA:CPU's analysis: 18.9 GiB a device at 64 devices,
-    # 38.1 at 32; one device with --config.microbatches=32: 49.5 GiB (VTC and the VTM
-    # negatives then see batch/K clips). Check a slice with tools.compile_report.
+    # Memory (docs/results.md, "Memory policy" and issue 18): bf16 activations and matmuls,
+    # every transformer block rematerialised. XLA:CPU's analysis (memory-minimising schedule):
+    # 7.0 GiB a device at 64 devices (v5e-64), 14.6 at 32 (v4-32, v6e-32); one device needs
+    # --config.microbatches=32: 31.5 GiB (VTC and the VTM negatives then see batch/K clips).
+    # Check a slice with tools.compile_report.
     config.dtype = 'bfloat16'
     config.remat = 'full'
     config.log_every_steps = 50
