@@ -32,6 +32,7 @@ from clusterstm_jax import teacher as teacher_lib
 from clusterstm_jax import trainer as trainer_lib
 from clusterstm_jax.data import checks
 from clusterstm_jax.data import pipeline
+from clusterstm_jax.data import prefetch
 from clusterstm_jax.data import teacher_cache
 from clusterstm_jax.errors import Preempted, UserError
 from clusterstm_jax.evaluators import metrics as metrics_lib
@@ -197,15 +198,20 @@ def _train_and_evaluate(config, workdir: str) -> dict:
       config.data, tokenizer, global_batch_size=config.batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
       decode=decode, source=source, teacher_text=teacher_text)
-  train_iter = iter(train_loader)
+  # Batches made and put on the mesh ahead of the step, in a thread (data/prefetch.py); the
+  # checkpointed position is that of the last batch the loop took.
+  depth = config.data.get('prefetch', 0)
+  to_mesh = lambda b: sharding_lib.global_batch(b, mesh)
+  train_iter = prefetch.Prefetch(iter(train_loader), to_mesh, depth)
   image_iter = None
   if image_every:
     # Another shuffle seed than the videos': on shapes, the stand-in reads the same clips, and
     # the same seed would show each clip's frame right after (or before) the clip itself.
-    image_iter = iter(pipeline.make_train_loader(
+    image_iter = prefetch.Prefetch(iter(pipeline.make_train_loader(
         image_config, tokenizer, global_batch_size=config_lib.image_batch_size(config),
         seed=(config.seed + 1) % 2**32, process_index=jax.process_index(),
-        process_count=jax.process_count(), examples='records', teacher_text=teacher_text))
+        process_count=jax.process_count(), examples='records', teacher_text=teacher_text)),
+        to_mesh, depth)
 
   # --- restore: own workdir -> config.resume -> config.init -> scratch ---
   ckpt_dir = os.path.join(workdir, 'checkpoints')
@@ -268,10 +274,9 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   while step < stop_at:
     kind = step_kind(config, step, total_steps)
     if kind == 'image':
-      batch = sharding_lib.global_batch(next(image_iter), mesh)
-      state, metrics = trainer.train_step_image(state, batch, base_key)
+      state, metrics = trainer.train_step_image(state, next(image_iter), base_key)
     else:
-      batch = sharding_lib.global_batch(next(train_iter), mesh)
+      batch = next(train_iter)
       step_fn = trainer.train_step_unmasked if kind == 'unmasked' else trainer.train_step
       state, metrics = step_fn(state, batch, base_key)
     examples += config_lib.image_batch_size(config) if kind == 'image' else config.batch_size
@@ -317,6 +322,9 @@ def _train_and_evaluate(config, workdir: str) -> dict:
       periodic_eval(config, trainer, state['params'], tokenizer, mesh, writer, step, bar)
       t_last += time.perf_counter() - t_eval  # examples/s counts training time only
   bar.close()
+  for it in (train_iter, image_iter):
+    if it is not None:
+      it.close()
   manager.wait_until_finished()
   manager.close()
   preemption.raise_if_requested()  # a signal that came after the loop's last poll

@@ -34,6 +34,9 @@ def get_config(arg=None):
   config.data = default_data_config()
   config.data.num_frames = 4
   config.data.image_size = 64
+  # Decoding overlapped with the step: grain workers from the host's cores, 2 batches ahead
+  # on the devices (data/prefetch.py; docs/results.md, "Input pipeline").
+  config.data.worker_count = -1
   # Image batches (T = 1) alternating with the video batches; off unless `images` or `paper`.
   config.images = default_image_config()
 
@@ -160,10 +163,11 @@ def get_config(arg=None):
     config.unmasked_steps = 0
     config.mesh = (('data', 1), ('fsdp', -1), ('tensor', 1))
     config.sharding_rules = 'fsdp'
-    # Memory (docs/results.md, "Memory policy"): bf16 activations and matmuls, every
-    # transformer block rematerialised. XLA:CPU's analysis: 18.9 GiB a device at 64 devices,
-    # 38.1 at 32; one device with --config.microbatches=32: 49.5 GiB (VTC and the VTM
-    # negatives then see batch/K clips). Check a slice with tools.compile_report.
+    # Memory (docs/results.md, "Memory policy" and issue 18): bf16 activations and matmuls,
+    # every transformer block rematerialised. XLA:CPU's analysis (memory-minimising schedule):
+    # 7.0 GiB a device at 64 devices (v5e-64), 14.6 at 32 (v4-32, v6e-32); one device needs
+    # --config.microbatches=32: 31.5 GiB (VTC and the VTM negatives then see batch/K clips).
+    # Check a slice with tools.compile_report.
     config.dtype = 'bfloat16'
     config.remat = 'full'
     config.log_every_steps = 50
@@ -177,6 +181,7 @@ def get_config(arg=None):
     config.model.text_depth = 2
     config.model.embed_dim = 32
     config.model.decoder.update(width=32, depth=1, num_heads=2, mlp_dim=64, out_dim=32)
+    config.data.worker_count = 0  # tests: no worker processes to start for 6 steps
     config.batch_size = 16
     config.eval_batch_size = 16
     config.total_steps = 6

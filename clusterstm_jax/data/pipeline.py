@@ -25,6 +25,7 @@ import numpy as np
 from absl import flags
 
 from clusterstm_jax.data import examples as examples_lib
+from clusterstm_jax.data import prefetch
 from clusterstm_jax.data import video_io
 from clusterstm_jax.data.tokenizer import Tokenizer
 from clusterstm_jax.data.tokenizer import open_tokenizer
@@ -42,7 +43,14 @@ def default_data_config() -> ml_collections.ConfigDict:
       "num_frames": 4,
       "image_size": 64,
       "max_text_len": 32,
-      "worker_count": 0,  # grain worker processes; 0 decodes in the training process
+      # grain worker processes decoding in parallel; -1 = from the host's cores (all but 2,
+      # at most 32: data/prefetch.py; what configs/pretrain.py runs); 0 = decode in the
+      # training process (in its prefetch thread), as tests and tools do.
+      "worker_count": 0,
+      "worker_buffer_size": 2,  # batches each worker makes ahead
+      # Batches the training loop's thread makes (and puts on the devices) ahead of the step,
+      # overlapping decoding and the host-to-device copy with it; 0 = in series (data/prefetch.py).
+      "prefetch": 2,
       # Threads reading records ahead (per process or worker). 0 reads in the decoding thread:
       # fastest for local array_record on few cores (grain's 16 threads/500 records cost 2.5x
       # here); raise for remote storage (GCS) on many-core hosts.
@@ -330,6 +338,15 @@ def _read_options(data_config) -> grain.ReadOptions:
   return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=buffer)
 
 
+def _loader_kwargs(data_config) -> dict[str, Any]:
+  """grain.DataLoader's parallelism arguments of a data config (.get: configs saved before these
+  fields existed, restored from checkpoints, still load)."""
+  workers = prefetch.resolve_worker_count(data_config.get("worker_count", 0))
+  _ensure_flags_parsed(workers)
+  return dict(worker_count=workers, worker_buffer_size=data_config.get("worker_buffer_size", 1),
+              read_options=_read_options(data_config))
+
+
 def _ensure_flags_parsed(worker_count: int):
   # grain's worker processes read absl flags; a library caller (tests, notebooks) never parsed them.
   if worker_count > 0 and not flags.FLAGS.is_parsed():
@@ -356,12 +373,11 @@ def make_train_loader(data_config, tokenizer: Tokenizer, *, global_batch_size: i
                              drop_remainder=True)
   sampler = grain.IndexSampler(len(source), shard_options=shard, shuffle=True, num_epochs=None,
                                seed=seed)
-  _ensure_flags_parsed(data_config.worker_count)
   return grain.DataLoader(
       data_source=source, sampler=sampler, shard_options=shard,
       operations=[_TrainDecode(decode, **_decode_kwargs(data_config, tokenizer, teacher_text)),
                   grain.Batch(global_batch_size // process_count, drop_remainder=True)],
-      worker_count=data_config.worker_count, read_options=_read_options(data_config))
+      **_loader_kwargs(data_config))
 
 
 def make_eval_loader(data_config, tokenizer: Tokenizer, *, split: str | None = None,
@@ -375,7 +391,6 @@ def make_eval_loader(data_config, tokenizer: Tokenizer, *, split: str | None = N
   source = examples_lib.examples(get_source(data_config, split), examples, announce=False,
                                  what=f"{data_config.name} {split}")
   source = _EvalShard(source, global_batch_size, process_index, process_count)
-  _ensure_flags_parsed(data_config.worker_count)
   return grain.DataLoader(
       data_source=source,
       sampler=grain.IndexSampler(len(source), shard_options=grain.NoSharding(), shuffle=False,
@@ -383,4 +398,4 @@ def make_eval_loader(data_config, tokenizer: Tokenizer, *, split: str | None = N
       shard_options=grain.NoSharding(),
       operations=[_EvalDecode(decode, **_decode_kwargs(data_config, tokenizer)),
                   grain.Batch(global_batch_size // process_count, drop_remainder=True)],
-      worker_count=data_config.worker_count, read_options=_read_options(data_config))
+      **_loader_kwargs(data_config))

@@ -76,8 +76,8 @@ RUN_FILE = 'ablate_run.json'
 # when a sweep is resumed (e.g. the data moved to another disk). halt_at_step is ablate's own.
 BOOKKEEPING = ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
                'async_checkpointing', 'halt_at_step', 'eval_batch_size', 'data.data_dir',
-               'data.worker_count', 'data.read_threads', 'data.read_buffer_size',
-               'teacher.workdir')
+               'data.worker_count', 'data.worker_buffer_size', 'data.prefetch',
+               'data.read_threads', 'data.read_buffer_size', 'teacher.workdir')
 
 
 def run_config(base, variant: str, seed_offset: int, steps: int, tune_steps: int,

@@ -6,7 +6,9 @@ and, when named in --what, every masking strategy alone and the loader's worker 
   python -m clusterstm_jax.tools.benchmark --what=strategies [--batch=8 --repeats=20]
   python -m clusterstm_jax.tools.benchmark --what=workers [--builder_config=tiny --worker_counts=0]
 
-  pipeline  train-loader examples/s against the train step's (must keep up: >= 3x on default);
+  pipeline  the train step fed by the real loader running concurrently (workers and prefetch
+            as in a run) against the same step on one fixed batch, in interleaved blocks of
+            --block_steps steps (target: within 5%); and the loader's examples/s alone;
   step      the default train step (teacher -> masking -> student -> losses -> update);
   masking   the masking alone (clustering + density + selection; teacher excluded), jitted on
             the teacher's tokens of the default batch, as a percentage of the step (target
@@ -26,12 +28,15 @@ Only when named (they do not read --config):
               shapes  T=4, N=64 (64 px, patch 8), D=--shapes_dim, --ratio 0.85 -> N_c=10;
             plus the parts of 'clusterstm' (DPC alone; the temporal density with the per-frame
             distances it shares with DPC) to show where the time goes;
+  decode    the paper shape's decode rate per core (synthetic 224 px JPEG clips, 4 frames,
+            tools/input_rates.py) and the cores a v4 / v5e host needs at --mfu;
   workers   train-loader examples/s of the shapes data (--builder_config, --data_dir) for each
             of --worker_counts grain workers: --num_batches batches of --batch_size after
             --warmup (worker start-up excluded); building the dataset is reported separately.
 
-Everything is measured in this one run and the timed calls of the different functions are
-interleaved, so the ratios hold even when the machine is noisy (median of --steps calls each).
+Everything is measured in this one run: the timed programs are interleaved (rotating order),
+each warmed the same way, and every figure is printed as median (min - max) over the rounds,
+ratios taken round by round; the load average is printed at the start and the end.
 """
 from __future__ import annotations
 
@@ -51,19 +56,26 @@ from clusterstm_jax import tasks as tasks_lib
 from clusterstm_jax import teacher as teacher_lib
 from clusterstm_jax import trainer as trainer_lib
 from clusterstm_jax.data import pipeline
+from clusterstm_jax.data import prefetch
 from clusterstm_jax.errors import UserError
 from clusterstm_jax.masking import density as density_lib
 from clusterstm_jax.masking import dpc as dpc_lib
 from clusterstm_jax.masking import strategies as masking
 from clusterstm_jax.tasks import base as tasks_base
+from clusterstm_jax.tools import input_rates
 from clusterstm_jax.tools import timing
 
 DEFAULT = ('pipeline', 'step', 'masking', 'unmasked', 'flops')
-ALL = DEFAULT + ('strategies', 'workers')
+ALL = DEFAULT + ('strategies', 'workers', 'decode')
 FLAGS = flags.FLAGS
 cli.define_config('configs/pretrain.py', 'Config.')
 flags.DEFINE_integer('steps', 20, 'Timed calls of each timed function (after compilation).')
 flags.DEFINE_integer('batches', 30, 'Timed input batches.')
+flags.DEFINE_integer('blocks', 6, 'pipeline: timed blocks of steps, with and without the loader')
+flags.DEFINE_integer('block_steps', 5, 'pipeline: timed steps per block')
+flags.DEFINE_integer('block_warm', 3, 'pipeline: untimed steps first in each block (at least '
+                     'data.prefetch + 1: the queue the loader filled meanwhile is drained)')
+flags.DEFINE_bool('rewarm', True, 'One untimed call before each timed call, for every program.')
 flags.DEFINE_list('what', list(DEFAULT), f'Which benchmarks to run, a subset of {",".join(ALL)}.')
 flags.DEFINE_string('flops_config', 'configs/pretrain.py:paper', 'Config of the FLOP ratio.')
 flags.DEFINE_integer('flops_batch', 8, 'Batch the FLOP ratio is lowered with.')
@@ -84,17 +96,11 @@ flags.DEFINE_integer('batch_size', 64, 'workers: global batch size (one process)
 flags.DEFINE_integer('num_batches', 40, 'workers: timed batches per worker count')
 flags.DEFINE_integer('warmup', 3, 'workers: untimed batches first')
 flags.DEFINE_list('worker_counts', ['0', '1'], 'workers: grain worker counts to time')
-
-
-def bench_pipeline(config, tokenizer, num_batches: int) -> float:
-  loader = pipeline.make_train_loader(config.data, tokenizer, global_batch_size=config.batch_size,
-                                      seed=0, process_index=0, process_count=1)
-  it = iter(loader)
-  next(it)  # start-up (worker processes, file handles) is not throughput
-  t = time.perf_counter()
-  for _ in range(num_batches):
-    next(it)
-  return num_batches * config.batch_size / (time.perf_counter() - t)
+# --what=decode
+flags.DEFINE_integer('decode_clips', 32, 'decode: synthetic paper-shape clips per timed pass')
+flags.DEFINE_float('mfu', 0.4, 'decode: model FLOP utilisation assumed for the accelerators')
+flags.DEFINE_float('gflop_per_clip', 0.0, 'decode: step GFLOP per clip; 0 = from XLA\'s cost '
+                   'analysis of the --flops_config step (lowered at --flops_batch)')
 
 
 def host_batch(config, tokenizer, teacher=None) -> dict[str, np.ndarray]:
@@ -134,7 +140,7 @@ def paper_shape_masking(batch: int, repeats: int, ratio: float = 0.85) -> tuple[
   fn = jax.jit(lambda f, k: masking.mask_from_config(cfg, k, shape, f))
   key = jax.random.key(1)
   t = timing.time_interleaved({'m': lambda: jax.block_until_ready(fn(features, key))},
-                              repeats)['m']
+                              repeats, rewarm=False)['m']
   return 1e3 * t['median'] / batch, masking.num_keep(196, ratio)
 
 
@@ -157,7 +163,9 @@ def paper_flops(spec: str, batch_size: int, compiled: bool,
                 breakdown: bool = True) -> dict[str, float]:
   """Step FLOPs of ClusterSTM and of the unmasked student at `spec` (abstract inputs only),
   the teacher's forward, and (breakdown) the same pair without the text-side losses."""
-  config = config_lib.load_config_file(spec)
+  # One pass over the batch: XLA's cost analysis counts a loop's body once, so the FLOPs of
+  # a step accumulated over micro-batches (a lax.scan) would read as one micro-batch's.
+  config = config_lib.with_overrides(config_lib.load_config_file(spec), microbatches=1)
   mesh = sharding_lib.make_mesh(config.mesh)
   text = tasks_lib.TextSpec(config.teacher.model.vocab_size)
   teacher = teacher_lib.abstract_teacher(config, mesh)
@@ -211,21 +219,6 @@ def bench_strategies(name: str, b: int, t: int, n: int, d: int, ratio: float,
     print(f'  {label:44s} {med:9.2f} {med / b:9.3f} {low / b:12.3f}')
 
 
-def loader_rate(data_config, tokenizer, worker_count: int, batch_size: int, num_batches: int,
-                warmup: int) -> float:
-  """--what=workers: examples per second of the train loader with `worker_count` workers."""
-  cfg = data_config.copy_and_resolve_references()
-  cfg.worker_count = worker_count
-  it = iter(pipeline.make_train_loader(cfg, tokenizer, global_batch_size=batch_size, seed=0,
-                                       process_index=0, process_count=1))
-  for _ in range(warmup):
-    next(it)
-  start = time.perf_counter()
-  for _ in range(num_batches):
-    next(it)
-  return num_batches * batch_size / (time.perf_counter() - start)
-
-
 def bench_workers() -> None:
   cfg = pipeline.default_data_config()
   cfg.builder_config = FLAGS.builder_config
@@ -236,25 +229,28 @@ def bench_workers() -> None:
   print(f'dataset ready in {time.perf_counter() - start:.1f}s '
         f'({cfg.builder_config}, {cfg.data_dir})')
   for workers in [int(w) for w in FLAGS.worker_counts]:
-    rate = loader_rate(cfg, tokenizer, workers, FLAGS.batch_size, FLAGS.num_batches,
+    rate = input_rates.loader_rate(cfg, tokenizer, workers, FLAGS.batch_size, FLAGS.num_batches,
                        FLAGS.warmup)
     print(f'train loader, worker_count={workers}: {rate:.0f} examples/s '
           f'(batch {FLAGS.batch_size}, {cfg.num_frames} frames of {cfg.image_size}px)')
 
 
-def _row(name: str, value: float, unit: str = '') -> None:
-  print(f'{name:>44s}: {value:12.4g} {unit}')
+def _row(name: str, value: float | str, unit: str = '') -> None:
+  """value: a number, or timing.fmt's 'median (min - max)'."""
+  print(f'{name:>44s}: {value if isinstance(value, str) else f"{value:12.4g}":>12s} {unit}')
 
 
 def bench_config(config, what: list[str]) -> None:
   """The sections of DEFAULT in `what`, on `config`'s data, model and teacher."""
   tokenizer = pipeline.get_tokenizer(config.data)
   print(f'{jax.device_count()} {jax.devices()[0].platform} device(s); config batch '
-        f'{config.batch_size}, mask {config.mask.strategy} r={config.mask.ratio}')
+        f'{config.batch_size}, mask {config.mask.strategy} r={config.mask.ratio}; '
+        f'{prefetch.host_cores()} host cores; load average at start {timing.load_average()}')
+  print('figures: median (min - max) over interleaved rounds; ratios taken per round')
   step_ms = None
 
-  timed = set(what) & {'step', 'masking', 'unmasked', 'flops'}
-  if timed:
+  needs_step = set(what) & {'step', 'masking', 'unmasked', 'flops', 'pipeline'}
+  if needs_step:
     mesh = sharding_lib.make_mesh(config.mesh)
     text = tasks_lib.TextSpec.from_tokenizer(tokenizer)
     teacher = None
@@ -263,6 +259,7 @@ def bench_config(config, what: list[str]) -> None:
       teacher = teacher_lib.load_teacher(config, mesh)
     batch = sharding_lib.global_batch(host_batch(config, tokenizer, teacher), mesh)
     trainer = make_trainer(config, mesh, text, teacher)
+  if set(what) & {'step', 'masking', 'unmasked', 'flops'}:
     fns = {'step': timing.step_runner(trainer, batch)}
     if 'masking' in what:
       if teacher is None:
@@ -275,35 +272,49 @@ def bench_config(config, what: list[str]) -> None:
           {k: v for k, v in batch.items() if k != 'teacher_text'})
     if 'flops' in what:  # timed with the step, so that both see the same machine load
       fns['matmul'] = timing.matmul_runner(FLAGS.matmul_size)
-    times = timing.time_interleaved(fns, FLAGS.steps, rewarm=('masking', 'teacher', 'matmul'))
+    times = timing.time_interleaved(fns, FLAGS.steps, rewarm=FLAGS.rewarm)
     step_ms = 1e3 * times['step']['median']
-    print('\n[step] default train step')
-    _row('step ms (median)', step_ms, 'ms')
-    _row('step ms (min)', 1e3 * times['step']['min'], 'ms')
+    print(f'\n[step] default train step ({FLAGS.steps} rounds of {", ".join(fns)}; every '
+          f'program warmed alike: 2 calls{", and 1 before each timed call" * FLAGS.rewarm})')
+    _row('step ms', timing.fmt(times['step']), 'ms')
     _row('step examples/s', config.batch_size / times['step']['median'], 'ex/s')
     if 'masking' in what:
-      mask_ms = 1e3 * times['masking']['median']
       print(f'\n[masking] mask_from_config alone on teacher tokens {feature_shape}')
-      _row('masking ms (median)', mask_ms, 'ms')
-      _row('masking / step', 100 * mask_ms / step_ms, '% (target <= 5%)')
-      _row('for scale: teacher forward ms (median)', 1e3 * times['teacher']['median'], 'ms')
-      _row('teacher forward / step', 100 * times['teacher']['median'] / times['step']['median'],
+      _row('masking ms', timing.fmt(times['masking']), 'ms')
+      _row('masking / step', timing.fmt(timing.ratio(times, 'masking', 'step'), 100),
+           '% (target <= 5%)')
+      _row('for scale: teacher forward ms', timing.fmt(times['teacher']), 'ms')
+      _row('teacher forward / step', timing.fmt(timing.ratio(times, 'teacher', 'step'), 100),
            '%')
       per_clip, nc = paper_shape_masking(FLAGS.paper_mask_batch, FLAGS.steps)
       _row(f'paper shape T=4 N=196 D=768 N_c={nc}, per clip', per_clip, 'ms/clip')
     if 'unmasked' in what:
-      un_ms = 1e3 * times['unmasked']['median']
       print('\n[unmasked] same student, ratio 0, no decoder / MRM / teacher')
-      _row('unmasked step ms (median)', un_ms, 'ms')
-      _row('unmasked / ClusterSTM step time', un_ms / step_ms,
+      _row('unmasked step ms', timing.fmt(times['unmasked']), 'ms')
+      _row('unmasked / ClusterSTM step time',
+           timing.fmt(timing.ratio(times, 'unmasked', 'step'), 1, 2),
            f'x (target >= 2.5x at r={config.mask.ratio})')
 
   if 'pipeline' in what:
-    rate = bench_pipeline(config, tokenizer, FLAGS.batches)
-    print('\n[pipeline] train loader')
-    _row('pipeline examples/s', rate, 'ex/s')
+    workers = prefetch.resolve_worker_count(config.data.get('worker_count', 0))
+    rate = input_rates.loader_rate(config.data, tokenizer, config.data.get('worker_count', 0),
+                                   config.batch_size, FLAGS.batches, 1)
+    fns, batches = input_rates.concurrent_runners(
+        config, tokenizer, trainer, batch, mesh, FLAGS.block_steps, FLAGS.block_warm)
+    # Two programs of several steps each: warmed by their own block warm-up, not by rewarm.
+    ptimes = timing.time_interleaved(fns, FLAGS.blocks, warmup=1, rewarm=False)
+    batches.close()
+    print(f'\n[pipeline] train loader: worker_count={workers} '
+          f'(config {config.data.get("worker_count", 0)}), prefetch {batches.depth} '
+          f'batches; {FLAGS.blocks} rounds of {FLAGS.block_steps} timed steps per program')
+    _row('loader alone examples/s', rate, 'ex/s')
     if step_ms is not None:
-      _row('pipeline / step', rate / (config.batch_size / (step_ms / 1e3)), 'x (target >= 3x)')
+      _row('loader alone / step', rate / (config.batch_size / (step_ms / 1e3)), 'x')
+    _row('step alone ms (same batch)', timing.fmt(ptimes['step_alone']), 'ms')
+    _row('step with the loader concurrently ms', timing.fmt(ptimes['step_loader']), 'ms')
+    _row('with loader / alone step time',
+         timing.fmt(timing.ratio(ptimes, 'step_loader', 'step_alone'), 1, 3),
+         'x (target <= 1.05)')
 
   if 'flops' in what:
     compiled = FLAGS.flops_compiled
@@ -337,6 +348,26 @@ def bench_config(config, what: list[str]) -> None:
     _row('default step achieved', achieved / 1e9, 'GFLOP/s')
     _row('matmul peak', peak / 1e9, 'GFLOP/s')
     _row('step / peak', 100 * achieved / peak, '% (both medians of interleaved calls)')
+  print(f'\nload average at end {timing.load_average()}')
+
+
+def bench_decode(tokenizer) -> None:
+  """--what=decode: paper-shape decode rate per core and the host cores it implies."""
+  print(f'\n[decode] load average at start {timing.load_average()}')
+  clips = input_rates.synthetic_clips(FLAGS.decode_clips)
+  rate = input_rates.decode_rate(clips, tokenizer)
+  kib = np.mean([sum(len(f) for f in c['frames']) for c in clips]) / 1024
+  _row('clips per CPU second (4 of 8 JPEG 224x398)', timing.fmt(rate, 1),
+       f'(wall {rate["wall"]:.1f}/s; {kib:.0f} KiB/clip)')
+  gflop = FLAGS.gflop_per_clip
+  if gflop <= 0:
+    f = paper_flops(FLAGS.flops_config, FLAGS.flops_batch, False, breakdown=False)
+    gflop = f['clusterstm'] * jax.device_count() / FLAGS.flops_batch / 1e9
+    _row(f'{FLAGS.flops_config} GFLOP per clip (video step)', gflop, 'GFLOP')
+  for name, h in input_rates.cores_needed(rate['median'], gflop * 1e9, FLAGS.mfu).items():
+    _row(f'{name} host ({h["chips"]} chips x {h["peak_tflops"]:.0f} TFLOP/s, MFU {FLAGS.mfu:.0%})',
+         h['clips_s'], f'clips/s -> {h["cores"]:.1f} cores decoding')
+  print(f'load average at end {timing.load_average()}')
 
 
 def main() -> None:
@@ -351,6 +382,8 @@ def main() -> None:
     bench_strategies('shapes', FLAGS.batch, 4, 64, FLAGS.shapes_dim, FLAGS.ratio, FLAGS.repeats)
   if 'workers' in what:
     bench_workers()
+  if 'decode' in what:
+    bench_decode(pipeline.get_tokenizer(FLAGS.config.data))
 
 
 if __name__ == '__main__':

@@ -12,8 +12,9 @@ Prints, per device:
   parameters / optimizer state / teacher / batch   bytes of each array's shard (from the shardings)
   XLA memory_analysis                              arguments, outputs, aliased (donated), temp
   XLA cost_analysis                                FLOPs and bytes accessed of one step
-XLA's figures are those of the partitioned (per-device) program. On CPU they show what sharding
-buys; a TPU compile's temp memory differs (other fusion and layouts), the shard bytes do not.
+XLA's figures are those of the partitioned (per-device) program, scheduled to minimise memory
+(SCHEDULER_FLAG). On CPU they show what sharding and remat buy; a TPU compile's temp memory
+differs (other fusion and layouts; XLA:CPU computes bf16 matmuls in f32), the shard bytes do not.
 Then, for each --microbatches value (default: config.microbatches; the step is compiled once
 per value), the peak per device against the HBM of common accelerators (HBM_GIB), and which
 of them it fits.
@@ -38,6 +39,12 @@ FLAGS = flags.FLAGS
 DEFAULT_DEVICES = 8
 DEFAULT_VOCAB = 32000
 MESH_AXES = ('data', 'fsdp', 'tensor')
+# XLA:CPU's default scheduler orders a program for parallelism between its thunks, not for
+# memory: it hoists every rematerialised forward (jax.checkpoint) to the start of the backward
+# pass, so remat saves nothing in the memory analysis (docs/results.md, "Memory policy"). The
+# report compiles with the memory-minimising scheduler, as TPU and GPU compilers schedule
+# under a memory limit; running the program is unaffected (it is compiled for figures only).
+SCHEDULER_FLAG = '--xla_cpu_enable_concurrency_optimized_scheduler'
 # HBM per chip (GiB) of the accelerators users book.
 HBM_GIB = {'v5e': 16, 'v4': 32, 'v6e': 32, 'H100': 80, 'v5p': 95, 'H200': 141}
 
@@ -76,10 +83,17 @@ def set_device_count(n: int) -> None:
   """N simulated CPU devices. Must run before jax is imported (the config file imports it)."""
   if 'jax' in sys.modules:
     raise RuntimeError('set_device_count must run before jax is imported')
-  flags_ = [f for f in os.environ.get('XLA_FLAGS', '').split()
-            if not f.startswith('--xla_force_host_platform_device_count')]
-  os.environ['XLA_FLAGS'] = ' '.join(flags_ + [f'--xla_force_host_platform_device_count={n}'])
+  os.environ['XLA_FLAGS'] = report_xla_flags(os.environ.get('XLA_FLAGS', ''), n)
   os.environ['JAX_PLATFORMS'] = 'cpu'
+
+
+def report_xla_flags(existing: str, n: int) -> str:
+  """XLA_FLAGS `existing` with n host devices and the memory-minimising scheduler (replacing
+  any earlier values of those two flags)."""
+  kept = [f for f in existing.split()
+          if not f.startswith(('--xla_force_host_platform_device_count', SCHEDULER_FLAG))]
+  return ' '.join(kept + [f'--xla_force_host_platform_device_count={n}',
+                          f'{SCHEDULER_FLAG}=false'])
 
 
 def parse_mesh(spec: str) -> tuple[tuple[str, int], ...]:

@@ -41,6 +41,20 @@ def test_exact_resume(shared_smoke, straight_run, tmp_path):
     assert a[s] == pytest.approx(b[s], rel=1e-6, abs=1e-6), (s, a[s], b[s])
 
 
+def test_exact_resume_with_worker_processes(shared_smoke, straight_run, tmp_path):
+  """Decoding in a grain worker process, 2 batches prefetched onto the mesh, halted and resumed:
+  the same losses as the straight in-process run (same batches, same resume position)."""
+  straight, _ = straight_run
+  split = str(tmp_path / 'split')
+  workers = {'data.worker_count': 1, 'data.prefetch': 2}
+  assert loop.run(shared_smoke.config(halt_at_step=3, **workers), split)['halted']
+  loop.run(shared_smoke.config(**workers), split)
+  a, b = helpers.losses(straight), helpers.losses(split)
+  assert sorted(a) == sorted(b) == list(range(1, 7))
+  for s in a:
+    assert a[s] == pytest.approx(b[s], rel=1e-6, abs=1e-6), (s, a[s], b[s])
+
+
 def test_bfloat16_policy_trains_like_float32(shared_smoke, straight_run, tmp_path):
   """bf16 activations and matmuls (f32 params, optimizer, losses) with every block
   rematerialised: the smoke run's losses stay within 2% of the f32 run's at every step."""

@@ -75,6 +75,17 @@ def test_compile_report_agrees_with_xla():
   assert 'fsdp=8' in compile_report.format_report(r)
 
 
+def test_compile_report_schedules_for_memory():
+  """XLA:CPU's default (concurrency) scheduler hoists every rematerialised forward; the report
+  compiles with the memory-minimising one (docs/results.md, "Why bf16 and remat ...")."""
+  from clusterstm_jax.tools import compile_report
+  got = compile_report.report_xla_flags(
+      '--xla_foo=1 --xla_force_host_platform_device_count=8 '
+      '--xla_cpu_enable_concurrency_optimized_scheduler=true', 64).split()
+  assert got == ['--xla_foo=1', '--xla_force_host_platform_device_count=64',
+                 '--xla_cpu_enable_concurrency_optimized_scheduler=false']
+
+
 def test_compile_report_names_a_dimension_that_does_not_divide():
   from clusterstm_jax.tools import compile_report
   assert compile_report.parse_mesh('data=2,fsdp=-1') == (('data', 2), ('fsdp', -1), ('tensor', 1))
