@@ -9,7 +9,6 @@ import pytest
 from clusterstm_jax import config_lib
 from clusterstm_jax import sharding as sharding_lib
 from clusterstm_jax import trainer as trainer_lib
-from clusterstm_jax.tasks import base as tasks_base
 from clusterstm_jax.tasks import siglip as siglip_task
 from clusterstm_jax import teacher as teacher_lib
 
