@@ -157,8 +157,12 @@ class _Concatenated:
     parts = [next(it) for it in self._iters]
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
-  def get_state(self):  # checkpointed by the reference run (never restored)
+  def get_state(self):  # checkpointed by the reference run
     return json.dumps([it.get_state().decode() for it in self._iters]).encode()
+
+  def set_state(self, state):  # data/prefetch.Prefetch rewinds to the last batch taken
+    for it, s in zip(self._iters, json.loads(state)):
+      it.set_state(s.encode())
 
 
 def reference_losses(data_dir, workdir, monkeypatch):

@@ -71,9 +71,14 @@ def test_the_tokenizer_is_checked_before_the_build(tmp_path):
                                       r"EXPORT/tokenizer.model"):
     loop.check(config)
   bad = tmp_path / 'vocab.txt'
-  bad.write_text('[CLS]\n[SEP]\nhello\n')  # e.g. a BERT WordPiece vocabulary
+  bad.write_text('[CLS]\n[SEP]\nhello\n')  # a WordPiece vocabulary without BERT's specials
   config.data.tokenizer = str(bad)
-  with pytest.raises(UserError, match=r"vocab.txt is not a SentencePiece model \("):
+  with pytest.raises(UserError, match=r"WordPiece vocabulary .*vocab.txt lacks \[PAD\]"):
+    loop.check(config)
+  garbage = tmp_path / 'tok.model'
+  garbage.write_bytes(b'\x00\x01 not a model')
+  config.data.tokenizer = str(garbage)
+  with pytest.raises(UserError, match=r"tok.model is not a SentencePiece model \("):
     loop.check(config)
   # Fine-tuning from an export: its tokenizer is the default.
   config.data.tokenizer, config.init = '', str(tmp_path / 'export')
