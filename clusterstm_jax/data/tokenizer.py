@@ -128,10 +128,7 @@ class Tokenizer:
 
   def decode(self, ids: Sequence[int] | np.ndarray) -> str:
     """Text of one id row: stops at [SEP], drops [CLS] and padding."""
-    ids = [int(i) for i in np.asarray(ids).reshape(-1)]
-    if self.eos_id in ids:
-      ids = ids[: ids.index(self.eos_id)]
-    return self._sp.decode([i for i in ids if i not in (self.pad_id, self.cls_id)])
+    return self._sp.decode(wordpiece.text_ids(ids, self.eos_id, self.pad_id, self.cls_id))
 
   def __repr__(self) -> str:
     return f"Tokenizer({self.model_path!r}, vocab_size={self.vocab_size})"

@@ -49,6 +49,15 @@ def _lowercase(vocab_path: str) -> bool:
     raise UserError(f"cannot parse {cfg}: {e}") from e
 
 
+
+def text_ids(ids, eos_id: int, pad_id: int, cls_id: int) -> list[int]:
+  """The ids of one row that are text (both tokenizers' decode): up to the first EOS/[SEP],
+  without padding and [CLS]."""
+  ids = [int(i) for i in np.asarray(ids).reshape(-1)]
+  if eos_id in ids:
+    ids = ids[: ids.index(eos_id)]
+  return [i for i in ids if i not in (pad_id, cls_id)]
+
 class WordPiece:
   """Fixed-length batches of BERT WordPiece ids (the interface of tokenizer.Tokenizer)."""
 
@@ -91,10 +100,7 @@ class WordPiece:
 
   def decode(self, ids: Sequence[int] | np.ndarray) -> str:
     """Text of one id row: stops at [SEP], drops [CLS] and padding."""
-    ids = [int(i) for i in np.asarray(ids).reshape(-1)]
-    if self.eos_id in ids:
-      ids = ids[: ids.index(self.eos_id)]
-    return self._tok.decode([i for i in ids if i not in (self.pad_id, self.cls_id)],
+    return self._tok.decode(text_ids(ids, self.eos_id, self.pad_id, self.cls_id),
                             skip_special_tokens=False)
 
   def __repr__(self) -> str:

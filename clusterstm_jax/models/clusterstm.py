@@ -60,25 +60,27 @@ def load_pretrained(path: str, student_params, model: 'ClusterSTM', *, strict: b
   student_params: initialised ClusterSTM params ('params' dict or {'params': ...}; flax boxes
     are kept). model: the ClusterSTM (its config gives the vision options and the patch grid).
   """
-  wrapped = set(student_params) == {'params'}
-  params = dict(student_params['params'] if wrapped else student_params)
-  if 'vision' not in params:
-    raise ValueError(f"student params have no 'vision' tower; top-level keys: {sorted(params)}")
   tower = vision_tower(model.config, model.num_frames, model.image_size)
-  params['vision'] = vit_lib.load(path, params['vision'], model=tower, strict=strict)
-  return {'params': params} if wrapped else params
+  return _load_tower(student_params, 'vision',
+                     lambda p: vit_lib.load(path, p, model=tower, strict=strict))
 
 
 def load_text_pretrained(path: str, student_params, model: 'ClusterSTM', *, strict: bool = True):
   """Initialises the student's text tower (with its fusion layers' self-attention and MLPs and
   its MLM head) from a Hugging Face BERT checkpoint (text.load); every other student parameter
   keeps its value. Arguments as load_pretrained's."""
+  tower = text_tower(model.config, model.vocab_size, model.max_text_len)
+  return _load_tower(student_params, 'text',
+                     lambda p: text_lib.load(path, p, model=tower, strict=strict))
+
+
+def _load_tower(student_params, name: str, load):
+  """student_params with tower `name` replaced by load(its params); the rest kept as is."""
   wrapped = set(student_params) == {'params'}
   params = dict(student_params['params'] if wrapped else student_params)
-  if 'text' not in params:
-    raise ValueError(f"student params have no 'text' tower; top-level keys: {sorted(params)}")
-  tower = text_tower(model.config, model.vocab_size, model.max_text_len)
-  params['text'] = text_lib.load(path, params['text'], model=tower, strict=strict)
+  if name not in params:
+    raise ValueError(f"student params have no {name!r} tower; top-level keys: {sorted(params)}")
+  params[name] = load(params[name])
   return {'params': params} if wrapped else params
 
 

@@ -58,15 +58,20 @@ def halted(shared_smoke, tmp_path_factory):
   return workdir
 
 
+def _start_train(data_dir, workdir):
+  """The teacherless smoke run of `config` as a `python -m clusterstm_jax.train` process."""
+  args = ['-m', 'clusterstm_jax.train', '--config=configs/pretrain.py:smoke,mask=random',
+          '--config.loss_weights.mrm=0', f'--config.data.data_dir={data_dir}',
+          f'--workdir={workdir}'] + [f'--config.{k}={v}' for k, v in RUN.items()]
+  return subprocess.Popen([sys.executable, *args], cwd=helpers.REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT], ids=['TERM', 'INT'])
 def test_signal_saves_the_current_step_then_exact_resume(shared_smoke, straight, tmp_path,
                                                          signum):
   workdir = tmp_path / 'w'
-  args = ['-m', 'clusterstm_jax.train', '--config=configs/pretrain.py:smoke,mask=random',
-          '--config.loss_weights.mrm=0', f'--config.data.data_dir={shared_smoke.data_dir}',
-          f'--workdir={workdir}'] + [f'--config.{k}={v}' for k, v in RUN.items()]
-  proc = subprocess.Popen([sys.executable, *args], cwd=helpers.REPO, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  proc = _start_train(shared_smoke.data_dir, workdir)
   metrics = workdir / 'metrics.jsonl'
   deadline = time.time() + 240
   while time.time() < deadline and proc.poll() is None:
@@ -91,11 +96,7 @@ def test_signal_saves_the_current_step_then_exact_resume(shared_smoke, straight,
 
 def test_signal_during_the_imports_stops_at_the_first_step_after_saving(shared_smoke, tmp_path):
   workdir = tmp_path / 'w'
-  args = ['-m', 'clusterstm_jax.train', '--config=configs/pretrain.py:smoke,mask=random',
-          '--config.loss_weights.mrm=0', f'--config.data.data_dir={shared_smoke.data_dir}',
-          f'--workdir={workdir}'] + [f'--config.{k}={v}' for k, v in RUN.items()]
-  proc = subprocess.Popen([sys.executable, *args], cwd=helpers.REPO, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  proc = _start_train(shared_smoke.data_dir, workdir)
   time.sleep(1.5)  # importing jax, flax, grain...: seconds; the package itself: milliseconds
   assert not (workdir / 'config.json').exists()  # still starting
   proc.send_signal(signal.SIGINT)
