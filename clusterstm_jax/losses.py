@@ -190,7 +190,8 @@ def mrm_baseline(target_rel, keep_mask):
 
 
 # ----------------------------------------------------------------------------- VTM
-def sample_hard_negatives(sim_v2t, rng, *, temperature: float = 1.0, positive_mask=None):
+def sample_hard_negatives(sim_v2t, rng, *, temperature: float = 1.0, positive_mask=None,
+                          hard_fraction: float = 1.0):
   """UMT's hard negatives: for every video a caption, for every caption a video, drawn from
   the softmax of their similarities with the positives excluded (no gradient).
 
@@ -202,6 +203,8 @@ def sample_hard_negatives(sim_v2t, rng, *, temperature: float = 1.0, positive_ma
   Gumbel-max (jax.random.categorical) with -inf on the positives, so a positive is never drawn
   as long as its row / column has a non-positive entry (a row of positives only returns an
   arbitrary index; with the default mask that needs B = 1, which is rejected).
+  hard_fraction < 1 mixes in easy negatives: each negative is the hard draw with probability
+  hard_fraction, else drawn uniformly from the non-positives (0: random negatives only).
   Returns (neg_text_idx_for_each_video int32 [B], neg_video_idx_for_each_text int32 [B]).
   """
   if sim_v2t.ndim != 2 or sim_v2t.shape[0] != sim_v2t.shape[1]:
@@ -215,11 +218,23 @@ def sample_hard_negatives(sim_v2t, rng, *, temperature: float = 1.0, positive_ma
     positive_mask = jnp.eye(bsz, dtype=bool)
   elif positive_mask.shape != sim_v2t.shape:
     raise ValueError(f"positive_mask must be {sim_v2t.shape}, got {positive_mask.shape}")
+  if not 0.0 <= hard_fraction <= 1.0:
+    raise ValueError(f"hard_fraction must be in [0, 1], got {hard_fraction!r}")
   logits = jax.lax.stop_gradient(sim_v2t).astype(jnp.float32) / temperature
+  if hard_fraction == 0.0:
+    logits = jnp.zeros_like(logits)
   logits = jnp.where(positive_mask, -jnp.inf, logits)
   key_t, key_v = jax.random.split(rng)
   neg_text = jax.random.categorical(key_t, logits, axis=1)
   neg_video = jax.random.categorical(key_v, logits, axis=0)
+  if 0.0 < hard_fraction < 1.0:  # a second, uniform draw, chosen per negative
+    key_t, key_v, key_pick = jax.random.split(jax.random.fold_in(rng, 1), 3)
+    uniform = jnp.where(positive_mask, -jnp.inf, 0.0)
+    easy_text = jax.random.categorical(key_t, uniform, axis=1)
+    easy_video = jax.random.categorical(key_v, uniform, axis=0)
+    hard_t, hard_v = jax.random.bernoulli(key_pick, hard_fraction, (2, bsz))
+    neg_text = jnp.where(hard_t, neg_text, easy_text)
+    neg_video = jnp.where(hard_v, neg_video, easy_video)
   return neg_text.astype(jnp.int32), neg_video.astype(jnp.int32)
 
 

@@ -116,8 +116,12 @@ def build(config, text: base.TextSpec, teacher=None, *, name: str = 'clusterstm'
   use = {k: float(weights.get(k, 0.0)) > 0 for k in ('vtc', 'vtm', 'mlm', 'mrm')}
   # UMT's hard negatives unless the config says otherwise (fine-tuning configs have no `vtm`).
   vtm_negatives = config.vtm.negatives if 'vtm' in config else 'hard'
-  if use['vtm'] and vtm_negatives not in ('hard', 'random'):
-    raise ValueError(f"vtm.negatives must be 'hard' or 'random', got {vtm_negatives!r}")
+  hard_fraction = {'hard': 1.0, 'random': 0.0}.get(vtm_negatives)
+  if vtm_negatives == 'mixed':
+    hard_fraction = float(config.vtm.get('hard_fraction', 0.5))
+  if use['vtm'] and (hard_fraction is None or not 0.0 <= hard_fraction <= 1.0):
+    raise ValueError(f"vtm.negatives must be 'hard', 'random' or 'mixed' (with vtm.hard_fraction "
+                     f"in [0, 1]), got {vtm_negatives!r}")
   if use['mrm'] and not config.model.decoder.out_dim:
     raise ValueError('loss_weights.mrm > 0 needs model.decoder.out_dim (the teacher width)')
   cached = uses_cache(config)  # the batch carries CACHE_FIELDS; no teacher in the step
@@ -169,10 +173,11 @@ def build(config, text: base.TextSpec, teacher=None, *, name: str = 'clusterstm'
       # Pairs [positive; negative video for each text; negative text for each video].
       # Never a negative: the same video (UMT) or the very same caption of another clip.
       same_text = jnp.all(ids[:, None, :] == ids[None, :, :], axis=-1)
-      # 'hard' (UMT): drawn from softmax(sim / temperature); 'random': uniformly.
-      scores = sim / temperature if vtm_negatives == 'hard' else jnp.zeros_like(sim)
+      # 'hard' (UMT): drawn from softmax(sim / temperature); 'random': uniformly; 'mixed':
+      # each negative hard with probability vtm.hard_fraction, else uniform.
       neg_text, neg_video = losses.sample_hard_negatives(
-          scores, vtm_rng, positive_mask=losses.same_index(index) | same_text)
+          sim / temperature, vtm_rng, positive_mask=losses.same_index(index) | same_text,
+          hard_fraction=hard_fraction)
       hid3 = jnp.concatenate([hidden, hidden, hidden[neg_text]])
       ids3 = jnp.concatenate([ids, ids, ids[neg_text]])
       tok3 = jnp.concatenate([tokens, tokens[neg_video], tokens])

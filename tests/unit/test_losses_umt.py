@@ -56,6 +56,30 @@ def test_hard_negatives_skip_same_video():
     assert not np.any(idx[negs] == idx[None, :])  # never the same video
 
 
+def test_mixed_negatives_hard_with_the_given_probability():
+  # One negative per row far more similar than the rest: a hard draw always takes it.
+  b = 8
+  sim = np.zeros((b, b), np.float32)
+  favourite = (np.arange(b) + 1) % b
+  sim[np.arange(b), favourite] = 50.0
+  sim = jnp.asarray(sim)
+  keys = jax.random.split(KEY, 2000)
+  draw = lambda frac: jax.vmap(lambda k: losses.sample_hard_negatives(
+      sim, k, hard_fraction=frac))(keys)
+  for frac in (0.0, 0.5, 1.0):
+    neg_t, _ = (np.asarray(x) for x in draw(frac))
+    assert not np.any(neg_t == np.arange(b))  # never the positive
+    took = np.mean(neg_t == favourite)
+    # hard with probability frac, and an easy draw hits the favourite 1 / (b - 1) of the time
+    want = frac + (1 - frac) / (b - 1)
+    assert abs(took - want) < 0.03, (frac, took, want)
+  # The ends are the plain draws: 1.0 is UMT's (bitwise), 0.0 is uniform.
+  np.testing.assert_array_equal(np.asarray(draw(1.0)[0]), np.asarray(
+      jax.vmap(lambda k: losses.sample_hard_negatives(sim, k))(keys)[0]))
+  with pytest.raises(ValueError, match='hard_fraction'):
+    losses.sample_hard_negatives(sim, KEY, hard_fraction=1.5)
+
+
 def test_mlm_masks_sep_like_umt():
   from clusterstm_jax.tasks import base, pretrain  # lazy: a task module, only for this test
   text = base.TextSpec(VOCAB, pad_id=PAD, cls_id=CLS, eos_id=EOS, mask_id=MASK)
