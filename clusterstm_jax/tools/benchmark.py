@@ -297,10 +297,13 @@ def bench_config(config, what: list[str]) -> None:
 
   if 'pipeline' in what:
     workers = prefetch.resolve_worker_count(config.data.get('worker_count', 0))
+    # The loader as the run's: with a teacher, its batches carry the captions in its ids too.
+    teacher_text = teacher.text_stream if teacher is not None else None
     rate = input_rates.loader_rate(config.data, tokenizer, config.data.get('worker_count', 0),
-                                   config.batch_size, FLAGS.batches, 1)
+                                   config.batch_size, FLAGS.batches, 1, teacher_text)
     fns, batches = input_rates.concurrent_runners(
-        config, tokenizer, trainer, batch, mesh, FLAGS.block_steps, FLAGS.block_warm)
+        config, tokenizer, trainer, batch, mesh, FLAGS.block_steps, FLAGS.block_warm,
+        teacher_text)
     # Two programs of several steps each: warmed by their own block warm-up, not by rewarm.
     ptimes = timing.time_interleaved(fns, FLAGS.blocks, warmup=1, rewarm=False)
     batches.close()

@@ -78,13 +78,15 @@ def cores_needed(clips_per_core_s: float, flops_per_clip: float, mfu: float) -> 
 
 
 def loader_rate(data_config, tokenizer, worker_count: int, batch_size: int, num_batches: int,
-                warmup: int) -> float:
+                warmup: int, teacher_text=None) -> float:
   """Examples per second of the train loader alone with `worker_count` workers (-1: from the
-  cores), after `warmup` batches (worker start-up is not throughput)."""
+  cores), after `warmup` batches (worker start-up is not throughput); `teacher_text`: the
+  teacher's text stream, when the batches carry the captions in its ids too."""
   cfg = data_config.copy_and_resolve_references()
   cfg.worker_count = worker_count
   it = iter(pipeline.make_train_loader(cfg, tokenizer, global_batch_size=batch_size, seed=0,
-                                       process_index=0, process_count=1))
+                                       process_index=0, process_count=1,
+                                       teacher_text=teacher_text))
   for _ in range(warmup):
     next(it)
   start = time.perf_counter()
@@ -94,14 +96,16 @@ def loader_rate(data_config, tokenizer, worker_count: int, batch_size: int, num_
 
 
 def concurrent_runners(config, tokenizer, trainer, batch, mesh, block_steps: int,
-                       block_warm: int) -> tuple[dict, prefetch.Prefetch]:
+                       block_warm: int, teacher_text=None) -> tuple[dict, prefetch.Prefetch]:
   """Blocks of train steps fed by the real loader, prefetching as a run does
   (data/prefetch.py), and the same blocks on one fixed device batch (the step alone). Each
   block drains the loader's queue first (`block_warm` steps, at least prefetch + 1, untimed,
-  in both). Returns the two programs and the prefetching iterator (to close)."""
+  in both; `teacher_text` as in loader_rate). Returns the two programs and the prefetching
+  iterator (to close)."""
   depth = config.data.get('prefetch', 0)
   loader = pipeline.make_train_loader(config.data, tokenizer, global_batch_size=config.batch_size,
-                                      seed=0, process_index=0, process_count=1)
+                                      seed=0, process_index=0, process_count=1,
+                                      teacher_text=teacher_text)
   batches = prefetch.Prefetch(iter(loader), lambda b: sharding_lib.global_batch(b, mesh), depth)
   warm = max(block_warm, depth + 1)
   return {'step_alone': timing.block_runner(timing.step_runner(trainer, batch),

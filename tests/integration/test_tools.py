@@ -134,6 +134,24 @@ def test_coverage_cli_prints_the_table(setup):
     assert len(values) == len(coverage.COLUMNS) and all(math.isfinite(v) for v in values)
 
 
+def test_benchmark_cli_times_the_step_with_the_real_loader(setup):
+  """--what=step,pipeline on the smoke config with its MRM teacher: the loader that runs
+  beside the step carries the teacher's ids too (it did not, and the step refused the batch)."""
+  config, _, _ = setup
+  r = subprocess.run(
+      [sys.executable, '-m', 'clusterstm_jax.tools.benchmark', '--config=configs/pretrain.py:smoke',
+       f'--config.data.data_dir={config.data.data_dir}',
+       f'--config.teacher.workdir={config.teacher.workdir}', '--what=step,pipeline',
+       '--steps=2', '--blocks=2', '--block_steps=2', '--block_warm=3', '--batches=2'],
+      cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-2000:]
+  rows = {line.split(':')[0].strip(): line.split(':', 1)[1] for line in r.stdout.splitlines()
+          if ':' in line}
+  for name in ('step alone ms (same batch)', 'step with the loader concurrently ms',
+               'with loader / alone step time', 'loader alone examples/s'):
+    assert math.isfinite(float(rows[name].split()[0])), (name, r.stdout)
+
+
 @pytest.mark.slow
 def test_ablate_cli_runs_stages_and_a_rerun_trains_nothing(tmp_path):
   """The one real end-to-end path of tools/ablate (the bookkeeping is unit-tested with fakes)."""
