@@ -31,9 +31,9 @@ class MetricWriter:
       root.mkdir(parents=True, exist_ok=True)
       self._path = root / 'metrics.jsonl'
       kept = self._keep_rows(start_step)
-      from tensorboardX import SummaryWriter  # imported lazily: only process 0 writes
-      purge = None if start_step is None else start_step + 1
-      self._tb = SummaryWriter(str(root / 'tb'), purge_step=purge)
+      # The event writer is made at the first write: importing tensorboardX imports torch where
+      # it is installed (~3 s here), which would otherwise delay a relaunch's first step.
+      self._tb_args = (str(root / 'tb'), None if start_step is None else start_step + 1)
       if '://' in str(workdir):
         self._rows = kept
       else:
@@ -69,6 +69,10 @@ class MetricWriter:
     if not self.enabled:
       return
     clean = {k: float(np.asarray(v)) for k, v in metrics.items()}
+    if self._tb is None:
+      from tensorboardX import SummaryWriter  # lazy: only process 0 writes, at its first row
+      path, purge = self._tb_args
+      self._tb = SummaryWriter(path, purge_step=purge)
     for k, v in clean.items():
       self._tb.add_scalar(k.replace('@', '_at_'), v, step)  # TensorBoard tag charset
     self._last.update(clean)
@@ -81,7 +85,8 @@ class MetricWriter:
       self._jsonl.flush()
 
   def close(self) -> None:
-    if self.enabled:
+    if self._tb is not None:
       self._tb.close()
+    if self.enabled:
       if self._jsonl is not None:
         self._jsonl.close()
