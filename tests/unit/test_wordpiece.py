@@ -79,7 +79,7 @@ CASED = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "Hello", "World", "hello"
 def test_export_keeps_a_cased_vocabulary_cased(tmp_path, fmt):
   # A cased BERT ships vocab.txt + tokenizer_config.json {"do_lower_case": false}; the export
   # copies the vocabulary as tokenizer.model and must carry the casing with it.
-  from clusterstm_jax import exports, portable  # pylint: disable=g-import-not-at-top
+  from clusterstm_jax import exports, portable, teacher  # pylint: disable=g-import-not-at-top
   from tests import helpers  # pylint: disable=g-import-not-at-top
   src = tmp_path / "bert-cased"
   src.mkdir()
@@ -95,6 +95,8 @@ def test_export_keeps_a_cased_vocabulary_cased(tmp_path, fmt):
   if fmt == "orbax":
     exports.write_export(out, params, config, str(src / "vocab.txt"))
     exports.verify(out)  # the tokenizer_config.json is in the manifest
+    # A teacher exported with a BERT vocabulary: its text tower's size comes from the vocab.txt.
+    assert teacher._vocab_size(out) == len(CASED)  # pylint: disable=protected-access
   else:
     portable.write(out, params, config, str(src / "vocab.txt"), fmt)
   reloaded = open_tokenizer(exports.tokenizer_path(out))
