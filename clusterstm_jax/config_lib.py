@@ -139,7 +139,7 @@ def _validate_images(config: ml_collections.ConfigDict, num_devices: int,
 # Fields of every training config that must be ints >= 1 (0 would divide by zero or, for
 # keep_checkpoints, delete each checkpoint right after writing it).
 POSITIVE_INTS = ('batch_size', 'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
-                 'data.num_frames', 'data.image_size')
+                 'data.num_frames', 'data.image_size', 'model.vocab_multiple')
 
 
 def _field(config: ml_collections.ConfigDict, path: str):

@@ -4,7 +4,9 @@ load. (python -m clusterstm_jax.export writes one from a training run.)
 Layout of an export directory:
   params/          Orbax (tensorstore/OCDBT) arrays of the model parameters
   config.json      the run's full config (plain JSON)
-  tokenizer.model  the SentencePiece model the text tower was trained with
+  tokenizer.model  the tokenizer the text tower was trained with (a SentencePiece model, or a
+                   BERT WordPiece vocab.txt with its tokenizer_config.json beside it: the
+                   lower-casing it was read with)
   manifest.json    the format name and the size and SHA-256 of every other file, checked on
                    every load: an edited, truncated or missing file is a one-line error
 Loading needs only the config to rebuild the module and the arrays; no pickles anywhere.
@@ -26,6 +28,7 @@ from jax.experimental import multihost_utils
 from etils import epath
 from flax import traverse_util
 
+from clusterstm_jax.data import tokenizer as tokenizer_lib
 from clusterstm_jax.errors import UserError
 
 
@@ -114,6 +117,8 @@ def write_export(out_dir: str, params, config: ml_collections.ConfigDict,
     (tmp / 'config.json').write_text(json.dumps(config.to_dict(), indent=1))
     if tokenizer_path:
       epath.Path(tokenizer_path).copy(tmp / 'tokenizer.model')
+      for name, text in tokenizer_lib.export_files(tokenizer_path).items():
+        (tmp / name).write_text(text)
     files = {name: {'bytes': (tmp / name).stat().length, 'sha256': _sha256(tmp / name)}
              for name in _files(tmp)}
     (tmp / MANIFEST).write_text(json.dumps({'format': FORMAT, 'version': 1, 'files': files},

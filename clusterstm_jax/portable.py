@@ -28,6 +28,7 @@ import shutil
 import jax
 import numpy as np
 
+from clusterstm_jax.data import tokenizer as tokenizer_lib
 from clusterstm_jax.errors import UserError
 from clusterstm_jax.models import checkpoint_io as cio
 from clusterstm_jax.models import clusterstm as clusterstm_lib
@@ -149,7 +150,8 @@ def _numpy(tree):
 
 
 def write(out_dir: str, params, config, tokenizer_path: str, fmt: str) -> str:
-  """Writes DIR/model.{safetensors,npz} (+ config.json for transformers, + tokenizer.model)
+  """Writes DIR/model.{safetensors,npz} (+ config.json for transformers, + tokenizer.model and,
+  for a WordPiece vocabulary, its tokenizer_config.json)
   into DIR.tmp, then renames it to DIR (replacing an older export). Single-process: the params
   are gathered to this host."""
   if fmt not in FILES:
@@ -174,6 +176,9 @@ def write(out_dir: str, params, config, tokenizer_path: str, fmt: str) -> str:
     np.savez(os.path.join(tmp, FILES[fmt]), **arrays, **{NPZ_CONFIG: np.asarray(meta)})
   if tokenizer_path:
     shutil.copyfile(tokenizer_path, os.path.join(tmp, 'tokenizer.model'))
+    for name, text in tokenizer_lib.export_files(tokenizer_path).items():
+      with open(os.path.join(tmp, name), 'w', encoding='utf-8') as f:
+        f.write(text)
   shutil.rmtree(out, ignore_errors=True)
   os.rename(tmp, out)
   return out

@@ -205,7 +205,7 @@ def _load_external(config, mesh) -> Teacher:
 
 
 def _vocab_size(path: str) -> int:
-  return Tokenizer(exports.tokenizer_path(path)).vocab_size
+  return open_tokenizer(exports.tokenizer_path(path)).vocab_size
 
 
 def relevance_windows(tokens, grid_hw: tuple[int, int], k: int = 3):

@@ -147,3 +147,14 @@ def open_tokenizer(path: str | os.PathLike, **conventions):
       raise UserError(f"{path} is a WordPiece vocabulary: [CLS] first and pad 0 only")
     return wordpiece.WordPiece(path)
   return Tokenizer(path, **conventions)
+
+
+def export_files(path: str | os.PathLike) -> dict[str, str]:
+  """{name: text} of the files an export writes beside its copy of the tokenizer at `path`, so
+  that the copy encodes the same ids: a WordPiece vocabulary's tokenizer_config.json with the
+  lower-casing it is read with (without it a cased BERT vocabulary would be lower-cased on
+  reload); nothing for a SentencePiece model (one self-contained file)."""
+  path = os.fspath(path)
+  if not wordpiece.is_vocab_file(path):
+    return {}
+  return {wordpiece.CONFIG_FILE: wordpiece.WordPiece(path).config_json()}

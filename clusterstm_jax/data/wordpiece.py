@@ -23,6 +23,7 @@ from tokenizers import pre_tokenizers
 from clusterstm_jax.errors import UserError
 
 SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+CONFIG_FILE = "tokenizer_config.json"  # beside the vocabulary (transformers' name)
 _SNIFF_BYTES = 1 << 20
 
 
@@ -39,7 +40,7 @@ def is_vocab_file(path: str) -> bool:
 
 
 def _lowercase(vocab_path: str) -> bool:
-  cfg = os.path.join(os.path.dirname(os.path.abspath(vocab_path)), "tokenizer_config.json")
+  cfg = os.path.join(os.path.dirname(os.path.abspath(vocab_path)), CONFIG_FILE)
   if not os.path.exists(cfg):
     return True
   try:
@@ -47,7 +48,6 @@ def _lowercase(vocab_path: str) -> bool:
       return bool(json.load(f).get("do_lower_case", True))
   except ValueError as e:
     raise UserError(f"cannot parse {cfg}: {e}") from e
-
 
 
 def text_ids(ids, eos_id: int, pad_id: int, cls_id: int) -> list[int]:
@@ -86,6 +86,11 @@ class WordPiece:
     self.pad_id, self.unk_id, self.cls_id, self.eos_id, self.mask_id = (
         vocab[p] for p in SPECIAL)
     self.vocab_size = len(vocab)
+
+  def config_json(self) -> str:
+    """The tokenizer_config.json that makes a copy of the vocabulary encode these ids (what an
+    export writes beside its copy): the lower-casing this tokenizer applies."""
+    return json.dumps({"do_lower_case": self.lowercase}, indent=1) + "\n"
 
   def encode_batch(self, texts: Sequence[str | bytes], max_len: int) -> np.ndarray:
     """int32 [B, max_len]: [CLS] pieces [SEP], truncated keeping [SEP], right-padded with 0."""

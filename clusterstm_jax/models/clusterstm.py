@@ -43,8 +43,7 @@ def text_tower(config: ml_collections.ConfigDict, vocab_size: int, max_text_len:
   GELU, LayerNorm eps 1e-12). `config.vocab_multiple` rounds the embedding table up to a
   multiple of it: a vocabulary such as BERT's 30522 does not split over an FSDP axis; the extra
   rows are never input ids (MLM's random replacements stay in the tokenizer's vocabulary)."""
-  multiple = int(config.get('vocab_multiple', 1))
-  vocab_size = -(-vocab_size // multiple) * multiple
+  vocab_size = text_lib.padded_vocab(vocab_size, config.get('vocab_multiple', 1))
   return text_lib.TextEncoder(vocab_size=vocab_size, max_len=max_text_len,
                               variant=config.text_variant, num_layers=config.get('text_depth'),
                               num_fusion_layers=config.text_fusion_layers,

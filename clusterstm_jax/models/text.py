@@ -24,6 +24,14 @@ from clusterstm_jax.models import checkpoint_io as cio
 from clusterstm_jax.models import common
 
 
+def padded_vocab(vocab_size: int, multiple: int = 1) -> int:
+  """`vocab_size` rounded up to a multiple of `multiple` (config.model.vocab_multiple): the row
+  count of an embedding table that splits over an FSDP axis (BERT's 30522 ids do not)."""
+  if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+    raise ValueError(f"vocab_multiple={multiple!r} must be an int >= 1")
+  return -(-vocab_size // multiple) * multiple
+
+
 def padding_mask(ids: jnp.ndarray, pad_id: int = 0) -> jnp.ndarray:
   """[B, L] bool, True at real tokens."""
   return ids != pad_id

@@ -7,6 +7,11 @@
   -> LayerNorm `decoder_norm` -> logits over the vocabulary [B,L,V] (tied to the token embedding,
      plus a bias `logits_bias`).
 
+With `vocab_multiple` > 1 the table (and V) is rounded up to a multiple of it, as the student's
+text embedding (config.model.vocab_multiple: a vocabulary that splits over an FSDP axis). The
+padded rows are no token's: their logits are -inf, so no loss, score or decoder ever gives
+them probability (the decoding functions never pick them).
+
 For QA the context is the fused question+video features of the text encoder; for captioning
 the video tokens. A DecoderBlock names its children as common.EncoderBlock with cross-attention
 (LayerNorm_0, MultiHeadDotProductAttention_0, cross_norm, cross_attention, LayerNorm_1,
@@ -25,6 +30,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from clusterstm_jax.models import common
+from clusterstm_jax.models import text as text_lib
 
 __all__ = ["DecoderBlock", "TextDecoder", "causal_mask"]
 
@@ -72,7 +78,8 @@ class DecoderBlock(nn.Module):
 
 class TextDecoder(nn.Module):
   """__call__(ids int [B,L], context [B,M,Dc], context_mask bool [B,M] | None, *, train)
-  -> logits float32 [B,L,vocab_size]; logits[:, t] is the distribution of token t+1.
+  -> logits float32 [B,L,V]; logits[:, t] is the distribution of token t+1. V is vocab_size
+  rounded up to a multiple of `vocab_multiple`; the padded ids' logits are -inf.
 
   L <= max_len. Sizes come from `variant` (common.VARIANTS) with optional overrides.
   Children: token_embedding, pos_embedding, context_proj (only when Dc != width),
@@ -89,6 +96,7 @@ class TextDecoder(nn.Module):
   pad_id: int = 0
   dtype: Any = jnp.float32
   remat: str = "none"  # common.REMAT_POLICIES name for the blocks
+  vocab_multiple: int = 1  # the table padded to a multiple of it (config.model.vocab_multiple)
 
   @property
   def dims(self) -> dict[str, Any]:
@@ -113,7 +121,8 @@ class TextDecoder(nn.Module):
     dims = self.dims
     d, length = dims["width"], ids.shape[1]
     bert_init = nn.initializers.normal(stddev=0.02)
-    embed = nn.Embed(self.vocab_size, d, dtype=self.dtype, name="token_embedding",
+    table = text_lib.padded_vocab(self.vocab_size, self.vocab_multiple)
+    embed = nn.Embed(table, d, dtype=self.dtype, name="token_embedding",
                      embedding_init=_part(bert_init, ("vocab", "embed")))
     pos = self.param("pos_embedding", _part(bert_init, (None, None, "embed")),
                      (1, self.max_len, d), jnp.float32)
@@ -133,6 +142,8 @@ class TextDecoder(nn.Module):
                 name=f"decoderblock_{i}")(x, self_mask, context, context_mask, not train)
     x = common.layer_norm(self.dtype, name="decoder_norm")(x)
     bias = self.param("logits_bias", _part(nn.initializers.zeros, ("vocab",)),
-                      (self.vocab_size,), jnp.float32)
-    logits = embed.attend(x) + bias.astype(x.dtype)
-    return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+                      (table,), jnp.float32)
+    logits = (embed.attend(x) + bias.astype(x.dtype)).astype(jnp.float32)
+    if table > self.vocab_size:  # the padded rows are no token's: never predicted
+      logits = jnp.where(jnp.arange(table) < self.vocab_size, logits, -jnp.inf)
+    return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))

@@ -39,7 +39,7 @@ class DecoderModel(clusterstm_lib.ClusterSTM):
     self.text_decoder = text_decoder_lib.TextDecoder(
         vocab_size=self.vocab_size, max_len=self.decoder_len, variant=d.variant,
         depth=d.get('depth'), dropout=self.config.get('dropout', 0.0), dtype=self.dtype,
-        remat=self.remat)
+        remat=self.remat, vocab_multiple=self.config.get('vocab_multiple', 1))
 
   def qa_context(self, video, questions, *, train=False):
     """video [B,T,H,W,3] normalised, questions [B,Q,L] -> (fused [B*Q,L,D], mask [B*Q,L]).
@@ -59,7 +59,8 @@ class DecoderModel(clusterstm_lib.ClusterSTM):
     return tokens.reshape(tokens.shape[0], -1, tokens.shape[-1])
 
   def decode_text(self, ids, context, context_mask=None, *, train=False):
-    """Decoder logits [N,L,V] of ids [N,L] given the context (see TextDecoder)."""
+    """Decoder logits [N,L,V] of ids [N,L] given the context (see TextDecoder: V is padded as
+    the student's table, config.model.vocab_multiple; the padded ids' logits are -inf)."""
     return self.text_decoder(ids, context, context_mask, train=train)  # f32 logits
 
   def __call__(self, video, ids, decoder_ids, *, train=False):

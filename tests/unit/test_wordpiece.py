@@ -1,5 +1,6 @@
 """BERT WordPiece tokenisation (data/wordpiece.py): the ids of transformers' BertTokenizerFast
-on a tiny vocabulary built here, in the student's fixed-length layout."""
+on a tiny vocabulary built here, in the student's fixed-length layout; a cased vocabulary
+stays cased through an export."""
 import importlib.util
 import os
 
@@ -69,3 +70,36 @@ def test_sentencepiece_is_not_a_vocab_and_bad_vocabularies(vocab, tmp_path):
     wordpiece.WordPiece(str(bad))
   with pytest.raises(UserError, match="WordPiece"):
     open_tokenizer(vocab, bos=False)
+
+
+CASED = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "Hello", "World", "hello", "world", "!"]
+
+
+@pytest.mark.parametrize("fmt", ["orbax", "npz"])
+def test_export_keeps_a_cased_vocabulary_cased(tmp_path, fmt):
+  # A cased BERT ships vocab.txt + tokenizer_config.json {"do_lower_case": false}; the export
+  # copies the vocabulary as tokenizer.model and must carry the casing with it.
+  from clusterstm_jax import exports, portable, teacher  # pylint: disable=g-import-not-at-top
+  from tests import helpers  # pylint: disable=g-import-not-at-top
+  src = tmp_path / "bert-cased"
+  src.mkdir()
+  (src / "vocab.txt").write_text("\n".join(CASED) + "\n", encoding="utf-8")
+  (src / wordpiece.CONFIG_FILE).write_text('{"do_lower_case": false}')
+  cased, uncased = open_tokenizer(src / "vocab.txt"), wordpiece.WordPiece(src / "vocab.txt",
+                                                                           lowercase=True)
+  want = cased.encode_batch(["Hello World!"], 6)
+  np.testing.assert_array_equal(want, [[2, 5, 6, 9, 3, 0]])
+  assert not np.array_equal(want, uncased.encode_batch(["Hello World!"], 6))  # [2, 7, 8, ...]
+  out, params, config = str(tmp_path / "export"), {"w": np.zeros(2, np.float32)}, \
+      helpers.smoke_config()
+  if fmt == "orbax":
+    exports.write_export(out, params, config, str(src / "vocab.txt"))
+    exports.verify(out)  # the tokenizer_config.json is in the manifest
+    # A teacher exported with a BERT vocabulary: its text tower's size comes from the vocab.txt.
+    assert teacher._vocab_size(out) == len(CASED)  # pylint: disable=protected-access
+  else:
+    portable.write(out, params, config, str(src / "vocab.txt"), fmt)
+  reloaded = open_tokenizer(exports.tokenizer_path(out))
+  assert isinstance(reloaded, wordpiece.WordPiece) and not reloaded.lowercase
+  np.testing.assert_array_equal(reloaded.encode_batch(["Hello World!"], 6), want)
+  assert reloaded.decode(want[0]) == "Hello World!"
