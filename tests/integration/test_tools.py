@@ -134,6 +134,26 @@ def test_coverage_cli_prints_the_table(setup):
     assert len(values) == len(coverage.COLUMNS) and all(math.isfinite(v) for v in values)
 
 
+def test_mrm_oracle_cli_prints_the_three_predictors(setup):
+  config, _, _ = setup
+  r = subprocess.run(
+      [sys.executable, '-m', 'clusterstm_jax.tools.mrm_oracle', '--config=configs/pretrain.py:smoke',
+       f'--config.data.data_dir={config.data.data_dir}',
+       f'--config.teacher.workdir={config.teacher.workdir}', '--num_batches=2', '--batch_size=8'],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  rows = {line.split()[0]: line.split()[1:] for line in r.stdout.splitlines()[2:]}
+  mse = {k: float(rows[k][0]) for k in ('baseline', 'object_vs_background', 'per_object')}
+  assert '16 clips' in r.stdout
+  assert 0 < mse['per_object'] <= mse['object_vs_background'] <= mse['baseline'], r.stdout
+  bad = subprocess.run(
+      [sys.executable, '-m', 'clusterstm_jax.tools.mrm_oracle', '--config=configs/pretrain.py:smoke',
+       f'--config.data.data_dir={config.data.data_dir}',
+       f'--config.teacher.workdir={config.teacher.workdir}', '--config.loss_weights.mrm=0'],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert bad.returncode == 1 and 'mrm_oracle needs MRM on' in bad.stderr, bad.stderr[-500:]
+
+
 def test_benchmark_cli_times_the_step_with_the_real_loader(setup):
   """--what=step,pipeline on the smoke config with its MRM teacher: the loader that runs
   beside the step carries the teacher's ids too (it did not, and the step refused the batch)."""
