@@ -9,7 +9,7 @@ r"""Live vs offline-cached teacher (tools/teacher_cache.py), measured in one run
   pass   the teacher pass's seconds per clip-view (JPEG decode + teacher + writing, K = 1) over
          --pass_examples training examples, after one warm-up batch (compile);
   flops  XLA cost-analysis FLOPs of the live, cached and unmasked steps at --flops_config
-         (lowered on abstract inputs) and the ratio unmasked / cached.
+         (lowered on abstract inputs) and the ratio unmasked / cached (--flops_config='': none).
 A missing teacher export is replaced by random weights of its architecture: the same time and
 FLOPs (it says which). The flags of tools/benchmark.py apply (--config, --steps, --flops_*).
 """
@@ -67,6 +67,14 @@ def bench_cache(config) -> None:
                                config.batch_size)
   _row(f'pass: {stats["clip_views"]} clip-views', stats['seconds'], 's')
   _row('pass per clip-view', 1e3 * stats['seconds_per_clip_view'], 'ms (decode + teacher)')
+  if FLAGS.flops_config:
+    flops_ratio()
+  print(f'  load average {os.getloadavg()[0]:.2f} at end')
+
+
+def flops_ratio() -> None:
+  """The FLOPs of --flops_config's live, cached and unmasked steps (its teacher.model is the
+  teacher's architecture, as in :paper)."""
   pconfig = config_lib.load_config_file(FLAGS.flops_config)
   pmesh = sharding_lib.make_mesh(pconfig.mesh)
   ptext = tasks_lib.TextSpec(pconfig.teacher.model.vocab_size)
@@ -81,7 +89,6 @@ def bench_cache(config) -> None:
     _row(f'{name} step', v / 1e9, 'GFLOP')
   _row('unmasked / cached FLOPs', f['unmasked'] / f['cached'], 'x (expect ~2.9x)')
   _row('unmasked / live FLOPs', f['unmasked'] / f['live'], 'x')
-  print(f'  load average {os.getloadavg()[0]:.2f} at end')
 
 
 def main() -> None:

@@ -67,10 +67,12 @@ def cached_config(config):
 
 
 def with_signals(config, teacher, batch: dict) -> dict:
-  """A host batch plus the teacher's fields, as the cached loader gives them (its view)."""
+  """A host batch plus the teacher's fields, as the cached loader gives them (its view): the
+  teacher's own ids are spent on the text feature and dropped (a cached batch has none)."""
   out = jax.device_get(signals_fn(config, teacher)(teacher.params, batch['video'],
                                                     batch['teacher_text']))
-  return dict(batch, **{k: np.asarray(v) for k, v in out.items()})
+  rest = {k: v for k, v in batch.items() if k != 'teacher_text'}
+  return dict(rest, **{k: np.asarray(v) for k, v in out.items()})
 
 
 def bench_teacher(config, mesh, vocab_size: int, tokenizer=None):

@@ -28,8 +28,8 @@ def time_interleaved(fns: dict[str, Callable[[], float | None]], repeats: int, *
   no program always follows the same one; with `rewarm` every timed call is preceded by one
   untimed call of the same program (right after a multi-second step, the first call of
   another program runs up to ~2x slower: measured on masking, 209 ms against 110 ms alone).
-  A program may return its own seconds (e.g. a block of steps after its own warm-up steps);
-  otherwise its call is timed. `all[i]` is round i's figure, so ratios can be taken per round.
+  A program may return its own seconds as a float (e.g. a block of steps after its own warm-up
+  steps); otherwise (None, or any other value) its call is timed. `all[i]` is round i's figure, so ratios can be taken per round.
   """
   names = list(fns)
   for name in names:
@@ -42,7 +42,9 @@ def time_interleaved(fns: dict[str, Callable[[], float | None]], repeats: int, *
         fns[name]()
       t = time.perf_counter()
       own = fns[name]()
-      times[name].append(time.perf_counter() - t if own is None else own)
+      # Only a float is a program's own figure: a returned array (a blocking call's result)
+      # is not seconds.
+      times[name].append(own if isinstance(own, float) else time.perf_counter() - t)
   return {name: dict(spread(v), all=v) for name, v in times.items()}
 
 

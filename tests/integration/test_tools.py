@@ -134,6 +134,25 @@ def test_coverage_cli_prints_the_table(setup):
     assert len(values) == len(coverage.COLUMNS) and all(math.isfinite(v) for v in values)
 
 
+def test_cache_benchmark_cli_times_live_and_cached_steps(setup):
+  """The live step and the cached one on the same batch (the cached batch had kept the
+  teacher's ids, which the cached step does not take) and the pass; the :paper FLOP ratio
+  (minutes to lower) is left out."""
+  config, _, _ = setup
+  r = subprocess.run(
+      [sys.executable, '-m', 'clusterstm_jax.tools.cache_benchmark',
+       '--config=configs/pretrain.py:smoke', f'--config.data.data_dir={config.data.data_dir}',
+       f'--config.teacher.workdir={config.teacher.workdir}', '--steps=2', '--pass_examples=16',
+       '--flops_config='],
+      cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-2000:]
+  rows = {line.split(':')[0].strip(): line.split(':', 1)[1] for line in r.stdout.splitlines()
+          if ':' in line}
+  assert '(loaded teacher)' in r.stdout
+  for name in ('live / cached step time (medians)', 'pass per clip-view'):
+    assert float(rows[name].split()[0]) > 0, (name, r.stdout)
+
+
 def test_mrm_oracle_cli_prints_the_three_predictors(setup):
   config, _, _ = setup
   r = subprocess.run(
@@ -155,19 +174,21 @@ def test_mrm_oracle_cli_prints_the_three_predictors(setup):
 
 
 def test_benchmark_cli_times_the_step_with_the_real_loader(setup):
-  """--what=step,pipeline on the smoke config with its MRM teacher: the loader that runs
-  beside the step carries the teacher's ids too (it did not, and the step refused the batch)."""
+  """--what=step,masking,unmasked,pipeline on the smoke config with its MRM teacher: the loader
+  beside the step carries the teacher's ids too (it did not, and the step refused the batch);
+  the masking and teacher programs are timed (they returned arrays, read as their seconds)."""
   config, _, _ = setup
   r = subprocess.run(
       [sys.executable, '-m', 'clusterstm_jax.tools.benchmark', '--config=configs/pretrain.py:smoke',
        f'--config.data.data_dir={config.data.data_dir}',
-       f'--config.teacher.workdir={config.teacher.workdir}', '--what=step,pipeline',
+       f'--config.teacher.workdir={config.teacher.workdir}', '--what=step,masking,unmasked,pipeline',
        '--steps=2', '--blocks=2', '--block_steps=2', '--block_warm=3', '--batches=2'],
       cwd=REPO, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-2000:]
   rows = {line.split(':')[0].strip(): line.split(':', 1)[1] for line in r.stdout.splitlines()
           if ':' in line}
-  for name in ('step alone ms (same batch)', 'step with the loader concurrently ms',
+  for name in ('step ms', 'masking ms', 'masking / step', 'unmasked / ClusterSTM step time',
+               'step alone ms (same batch)', 'step with the loader concurrently ms',
                'with loader / alone step time', 'loader alone examples/s'):
     assert math.isfinite(float(rows[name].split()[0])), (name, r.stdout)
 
