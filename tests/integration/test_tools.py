@@ -134,6 +134,20 @@ def test_coverage_cli_prints_the_table(setup):
     assert len(values) == len(coverage.COLUMNS) and all(math.isfinite(v) for v in values)
 
 
+def test_benchmark_cli_decode_rate_and_host_cores():
+  """--what=decode: synthetic paper-shape clips through the loader's decode, and the cores a
+  host needs at the given GFLOP per clip (no teacher, no step)."""
+  r = subprocess.run(
+      [sys.executable, '-m', 'clusterstm_jax.tools.benchmark', '--config=configs/pretrain.py:smoke',
+       '--what=decode', '--decode_clips=2', '--gflop_per_clip=380'],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  rate = next(line for line in r.stdout.splitlines() if 'clips per CPU second' in line)
+  assert float(rate.split(':')[1].split()[0]) > 0, r.stdout
+  cores = [line for line in r.stdout.splitlines() if 'cores decoding' in line]
+  assert len(cores) == 2 and all(float(c.split('->')[1].split()[0]) > 0 for c in cores), r.stdout
+
+
 def test_cache_benchmark_cli_times_live_and_cached_steps(setup):
   """The live step and the cached one on the same batch (the cached batch had kept the
   teacher's ids, which the cached step does not take) and the pass; the :paper FLOP ratio
