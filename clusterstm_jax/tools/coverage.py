@@ -10,6 +10,8 @@ the figures are pooled over the split (ratios of sums, not means of per-batch ra
   object_coverage      (object, frame) pairs with >= 1 kept token on the object;
   kept_on_objects      kept tokens lying on an object (object_area is its chance level);
   temporal_recurrence  kept positions of frame t also kept at t + 1.
+On data with transient distractors (label 255), a last line gives each strategy's share of kept
+tokens on them against their share of all tokens.
 
 Also owns what masks.py reuses: `mask_fn` (teacher tokens -> masks of several
 strategies, one jitted call) and `eval_batches` (the test split in fixed-size batches).
@@ -34,6 +36,7 @@ from clusterstm_jax.masking import strategies as masking
 from clusterstm_jax.tasks import base as tasks_base
 
 STRATEGIES = ('clusterstm', 'clusterstm_random_pick', 'tube', 'random')
+DISTRACTOR = 255  # the label of transient distractors (shapes' distractor configs)
 COLUMNS = ('object_coverage', 'kept_on_objects', 'temporal_recurrence', 'object_area')
 
 FLAGS = flags.FLAGS
@@ -93,31 +96,55 @@ def eval_batches(config, tokenizer, batch_size: int, num_batches: int = -1) -> I
     yield {k: np.asarray(v) for k, v in batch.items()}
 
 
+def distractor_tokens(labels: np.ndarray, patch: int) -> np.ndarray:
+  """bool [B,T,N]: tokens with a pixel of a transient distractor (label DISTRACTOR)."""
+  b, t, h, w = labels.shape
+  x = labels.reshape(b, t, h // patch, patch, w // patch, patch)
+  return (x == DISTRACTOR).any(axis=(3, 5)).reshape(b, t, -1)
+
+
 def collect(config, teacher, tokenizer, *, batch_size: int, num_batches: int = -1, seed: int = 0,
-            strategies: Sequence[str] = STRATEGIES):
-  """(keep masks {strategy: bool [S,T,N]}, token objects bool [S,T,N,K]) over S split clips."""
+            strategies: Sequence[str] = STRATEGIES, with_distractors: bool = False):
+  """(keep masks {strategy: bool [S,T,N]}, token objects bool [S,T,N,K]) over S split clips;
+  with_distractors: also the distractor tokens bool [S,T,N] (distractor_tokens)."""
   fn = mask_fn(config, teacher, strategies)
-  objects_fn = jax.jit(lambda labels: stats.token_objects(labels, tasks_base.patch_size(config)))
+  patch = tasks_base.patch_size(config)
+  objects_fn = jax.jit(lambda labels: stats.token_objects(labels, patch))
   key = jax.random.key(seed)
-  keeps, objects = {s: [] for s in strategies}, []
+  keeps, objects, distractors = {s: [] for s in strategies}, [], []
   for i, batch in enumerate(eval_batches(config, tokenizer, batch_size, num_batches)):
     masks = jax.device_get(fn(teacher.params, batch['video'], jax.random.fold_in(key, i)))
     valid = batch['valid'].astype(bool)  # padding rows are masked too, then dropped
     for s in strategies:
       keeps[s].append(np.asarray(masks[s].keep_mask)[valid])
     objects.append(np.asarray(objects_fn(batch['labels']))[valid])
+    distractors.append(distractor_tokens(np.asarray(batch['labels']), patch)[valid])
   if not objects:
     raise ValueError(f'no clips in split {config.data.eval_split!r} (num_batches={num_batches})')
-  return {s: np.concatenate(v) for s, v in keeps.items()}, np.concatenate(objects)
+  out = {s: np.concatenate(v) for s, v in keeps.items()}, np.concatenate(objects)
+  return (*out, np.concatenate(distractors)) if with_distractors else out
+
+
+def distractor_shares(keeps: dict[str, np.ndarray], distractors: np.ndarray) -> dict[str, float]:
+  """{'area': share of all tokens on a distractor, strategy: share of its kept tokens on one}."""
+  shares = {'area': float(distractors.mean())}
+  for s, keep in keeps.items():
+    shares[s] = float((keep & distractors).sum() / max(keep.sum(), 1))
+  return shares
 
 
 def coverage_table(config, teacher, tokenizer, *, ratio: float | None = 0.85,
                    batch_size: int = 100, num_batches: int = -1, seed: int = 0,
                    strategies: Sequence[str] = STRATEGIES) -> dict[str, dict[str, float]]:
-  """{strategy: {stat: value}} pooled over the split at masking ratio `ratio`."""
-  keeps, objects = collect(with_ratio(config, ratio), teacher, tokenizer, batch_size=batch_size,
-                           num_batches=num_batches, seed=seed, strategies=strategies)
-  return stats_table(keeps, objects)
+  """{strategy: {stat: value}} pooled over the split at masking ratio `ratio`, and where the
+  data has transient distractors, {'distractors': distractor_shares}."""
+  keeps, objects, distractors = collect(
+      with_ratio(config, ratio), teacher, tokenizer, batch_size=batch_size,
+      num_batches=num_batches, seed=seed, strategies=strategies, with_distractors=True)
+  table = stats_table(keeps, objects)
+  if distractors.any():
+    table['distractors'] = distractor_shares(keeps, distractors)
+  return table
 
 
 def stats_table(keeps: dict[str, np.ndarray], objects: np.ndarray) -> dict[str, dict[str, float]]:
@@ -154,6 +181,7 @@ def main() -> None:
                            seed=FLAGS.seed)
   except ValueError as e:  # a bad ratio, an empty split: bad input, not a bug to trace
     raise UserError(str(e)) from e
+  shares = table.pop('distractors', None)
   t, h, w = tasks_base.grid(config)
   n = h * w
   first = next(iter(table.values()))
@@ -161,6 +189,9 @@ def main() -> None:
         f'{config.data.eval_split!r}: {first["num_clips"]} clips, T={t}, N={n}, '
         f'ratio={FLAGS.ratio} -> N_c={masking.num_keep(n, FLAGS.ratio)} kept per frame')
   print(format_table(table))
+  if shares is not None:  # kept tokens on distractors against their share of all tokens
+    print(f'kept tokens on transient distractors (they are {100 * shares.pop("area"):.1f}% of '
+          'all tokens): ' + ', '.join(f'{s} {100 * v:.1f}%' for s, v in shares.items()))
 
 
 if __name__ == '__main__':

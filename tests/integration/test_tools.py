@@ -134,6 +134,27 @@ def test_coverage_cli_prints_the_table(setup):
     assert len(values) == len(coverage.COLUMNS) and all(math.isfinite(v) for v in values)
 
 
+def test_coverage_counts_kept_tokens_on_transient_distractors(setup):
+  """On the distractor variant the tool adds each strategy's share of kept tokens on the
+  distractors; random masking keeps them at about their share of all tokens."""
+  config, _, _ = setup
+  r = subprocess.run(
+      [sys.executable, '-m', 'clusterstm_jax.tools.coverage', '--config=configs/pretrain.py:smoke',
+       f'--config.data.data_dir={config.data.data_dir}', '--config.data.builder_config=tiny_distractors',
+       f'--config.teacher.workdir={config.teacher.workdir}', '--num_batches=2',
+       '--batch_size=16'], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  line = r.stdout.strip().splitlines()[-1]
+  assert line.startswith('kept tokens on transient distractors'), r.stdout
+  area = float(line.split('they are ')[1].split('%')[0])
+  shares = dict(part.rsplit(' ', 1) for part in line.split(': ', 1)[1].split(', '))
+  assert set(shares) == set(coverage.STRATEGIES) and 0 < area < 50
+  assert abs(float(shares['random'].rstrip('%')) - area) < max(3.0, area), line
+  # Plain shapes have no distractors: no such line.
+  plain = coverage.distractor_shares({'random': np.ones((1, 2, 4), bool)}, np.zeros((1, 2, 4), bool))
+  assert plain == {'area': 0.0, 'random': 0.0}
+
+
 def test_benchmark_cli_decode_rate_and_host_cores():
   """--what=decode: synthetic paper-shape clips through the loader's decode, and the cores a
   host needs at the given GFLOP per clip (no teacher, no step)."""
