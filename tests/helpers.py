@@ -152,3 +152,21 @@ def flat(tree):
   """{'a/b/c': leaf} of a pytree of dicts."""
   return {"/".join(str(getattr(p, "key", p)) for p in path): x
           for path, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def random_bert(vocab_size: int, hidden: int, layers: int, heads: int, mlp: int, positions: int):
+  """A transformers BertForMaskedLM (eval mode) with random weights, every parameter nudged so
+  that LayerNorm scales != 1, biases != 0 and token types != 0 all show in a comparison.
+  Needs torch and transformers (callers skip without them)."""
+  import torch  # lazy: a test-only dependency, only for the BERT parity tests
+  import transformers  # lazy: as torch
+  cfg = transformers.BertConfig(vocab_size=vocab_size, hidden_size=hidden,
+                                num_hidden_layers=layers, num_attention_heads=heads,
+                                intermediate_size=mlp, max_position_embeddings=positions,
+                                hidden_act='gelu', layer_norm_eps=1e-12)
+  torch.manual_seed(0)
+  model = transformers.BertForMaskedLM(cfg).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.1 * torch.randn_like(p))
+  return model

@@ -91,10 +91,8 @@ def oracle_table(config, teacher, tokenizer, *, num_batches: int, batch_size: in
     raw_std.append(float(np.mean(np.std(out['mrm_target'], axis=(1, 2)))))
   if not raw_std:
     raise UserError('no training batches (the train split is empty or smaller than a batch)')
-  base = sums['baseline'] / sums['places']
   table = {k: {'mse': sums[k] / sums['places'], 'explained': 1 - sums[k] / sums['baseline']}
            for k in PREDICTORS}
-  table['baseline']['mse'] = base
   return {**table, 'places': int(sums['places']), 'raw_std': float(np.mean(raw_std)),
           'num_clips': len(raw_std) * batch_size}
 

@@ -28,17 +28,7 @@ pytestmark = [pytest.mark.integration,
 def _tiny_bert(out_dir, vocab_size: int, positions: int):
   """A random BertForMaskedLM shaped as the smoke text tower, saved in `out_dir` (keys 'bert.*'
   and 'cls.*', as bert-base-uncased); returns its state dict as numpy, 'bert.' dropped."""
-  import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
-  cfg = transformers.BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2,
-                                num_attention_heads=2, intermediate_size=64,
-                                max_position_embeddings=positions, hidden_act='gelu',
-                                layer_norm_eps=1e-12)
-  torch.manual_seed(0)
-  model = transformers.BertForMaskedLM(cfg).eval()
-  with torch.no_grad():  # LayerNorm scales != 1, biases != 0, token types != 0: all visible
-    for p in model.parameters():
-      p.add_(0.1 * torch.randn_like(p))
+  model = helpers.random_bert(vocab_size, 32, 2, 2, 64, positions)
   model.save_pretrained(str(out_dir))
   return {k.removeprefix('bert.'): v.numpy() for k, v in model.state_dict().items()}
 

@@ -13,6 +13,7 @@ import pytest
 
 from clusterstm_jax.models import checkpoint_io as cio
 from clusterstm_jax.models import text as text_lib
+from tests import helpers
 
 pytestmark = pytest.mark.unit
 HAS_TORCH = all(importlib.util.find_spec(m) for m in ("torch", "transformers"))
@@ -42,17 +43,7 @@ def _ids():
 
 @pytest.fixture(scope="module")
 def hf_bert(tmp_path_factory):
-  import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
-  cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=D, num_hidden_layers=LAYERS,
-                                num_attention_heads=HEADS, intermediate_size=MLP,
-                                max_position_embeddings=POSITIONS, hidden_act="gelu",
-                                layer_norm_eps=1e-12)
-  torch.manual_seed(0)
-  model = transformers.BertForMaskedLM(cfg).eval()
-  with torch.no_grad():  # LayerNorm scales != 1, biases != 0, token types != 0: all visible
-    for p in model.parameters():
-      p.add_(0.1 * torch.randn_like(p))
+  model = helpers.random_bert(VOCAB, D, LAYERS, HEADS, MLP, POSITIONS)
   mlm_dir, base_dir = tmp_path_factory.mktemp("bert_mlm"), tmp_path_factory.mktemp("bert_base")
   model.save_pretrained(str(mlm_dir))       # keys 'bert.*' and 'cls.*', as bert-base-uncased
   model.bert.save_pretrained(str(base_dir))  # a BertModel: no prefix, no MLM head
