@@ -9,6 +9,8 @@ Where (the first that is set wins):
                               every host and every recreated slice finds it), the user cache
                               ~/.cache/clusterstm_jax/jax_cache for an evaluation.
 Programs that compile in under MIN_COMPILE_SECS are not written (a disk read is not faster).
+The train steps' lowered programs go to DIR/programs (program_cache.py), so a relaunch does not
+trace them either.
 """
 from __future__ import annotations
 
@@ -44,3 +46,9 @@ def use(config, workdir: str | None = None) -> str | None:
   jax.config.update('jax_persistent_cache_min_compile_time_secs', MIN_COMPILE_SECS)
   logging.info('persistent compilation cache: %s', path)
   return path
+
+
+def programs_directory() -> str | None:
+  """Where the lowered train steps are kept: DIR/programs of the cache in use, else None."""
+  current = jax.config.jax_compilation_cache_dir
+  return os.path.join(current, 'programs') if current else None

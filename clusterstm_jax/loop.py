@@ -186,7 +186,8 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   # --- model and optimizer, born sharded ---
   trainer = trainer_lib.build_trainer(
       config, text=tasks_lib.TextSpec.from_tokenizer(tokenizer), mesh=mesh,
-      total_steps=total_steps, warmup_steps=warmup_steps, teacher=teacher)
+      total_steps=total_steps, warmup_steps=warmup_steps, teacher=teacher,
+      program_dir=compile_cache.programs_directory())
 
   # With a teacher, batches also carry the captions in the teacher's own ids (its tokenizer).
   teacher_text = teacher.text_stream if teacher is not None else None

@@ -17,6 +17,7 @@ import ml_collections
 import optax
 
 from clusterstm_jax import config_lib
+from clusterstm_jax import program_cache
 from clusterstm_jax import sharding as sharding_lib
 from clusterstm_jax import tasks as tasks_lib
 from clusterstm_jax.data import teacher_cache
@@ -130,8 +131,11 @@ def accumulate(grad_fn, micro: int, mesh, params, batch, rng, teacher_params):
 
 def build_trainer(config, *, mesh, total_steps: int, warmup_steps: int, teacher=None,
                   vocab_size: int | None = None,
-                  text: tasks_lib.TextSpec | None = None) -> Trainer:
-  """`text` (or just `vocab_size`, with default special ids) describes the tokenizer."""
+                  text: tasks_lib.TextSpec | None = None,
+                  program_dir: str | None = None) -> Trainer:
+  """`text` (or just `vocab_size`, with default special ids) describes the tokenizer.
+  `program_dir`: keep the lowered train steps there (program_cache.py): a relaunch skips
+  tracing them."""
   text = text or tasks_lib.TextSpec(vocab_size)
   if tasks_lib.needs_teacher(config) and teacher is None:
     raise ValueError(f'mask.strategy={config.mask.strategy!r} / loss_weights.mrm need a teacher '
@@ -202,9 +206,20 @@ def build_trainer(config, *, mesh, total_steps: int, warmup_steps: int, teacher=
         return fn(*args, **kwargs)
     return wrapped
 
-  def bind(jitted_step):
+  steps = {'train_step': jitted, 'train_step_unmasked': jitted_unmasked,
+           'train_step_image': jitted_image}
+  if program_dir:
+    # Everything the traced steps close over beyond their arguments' shapes.
+    cache = program_cache.ProgramCache(program_dir, {
+        'config': program_cache.config_fingerprint(config), 'total_steps': total_steps,
+        'warmup_steps': warmup_steps, 'text': dataclasses.asdict(text),
+        'model': program_cache.stable_repr(task.model),
+        'teacher': None if teacher is None else program_cache.stable_repr(teacher.model)})
+    steps = program_cache.wrap_all(cache, steps, under_mesh)
+
+  def bind(step):
     """(state, batch, base_key) -> (state, metrics), the frozen teacher params bound."""
-    return under_mesh(lambda s, b, k: jitted_step(s, b, k, teacher_params))
+    return None if step is None else under_mesh(lambda s, b, k: step(s, b, k, teacher_params))
 
   def lower(batch_size: int, *, image: bool = False):
     """Ahead-of-time lowering on abstract inputs (compile reports, paper-scale checks);
@@ -224,8 +239,8 @@ def build_trainer(config, *, mesh, total_steps: int, warmup_steps: int, teacher=
 
   return Trainer(config=config, task=task, tx=tx, schedule=schedule, mesh=mesh, rules=rules,
                  state_shardings=state_shardings, abstract_state=abstract_state,
-                 train_step=bind(jitted),
-                 train_step_unmasked=None if jitted_unmasked is None else bind(jitted_unmasked),
-                 train_step_image=None if jitted_image is None else bind(jitted_image),
+                 train_step=bind(steps['train_step']),
+                 train_step_unmasked=bind(steps['train_step_unmasked']),
+                 train_step_image=bind(steps['train_step_image']),
                  init_state=under_mesh(init_state), encode_video=under_mesh(enc_v),
                  encode_text=under_mesh(enc_t), teacher=teacher, lower=under_mesh(lower))
