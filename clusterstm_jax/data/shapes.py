@@ -52,7 +52,8 @@ MAX_DISTRACTOR_FRAMES = 2
 # Stains (the transient variant): the background inside a circle of radius STAIN_RADII (pixels
 # at 64 px) is scaled in brightness by 1 +- STAIN_SHADE for 1-2 frames. Modest on purpose: the
 # stain should look like background to the teacher (join a background cluster) yet not match
-# any token of the other frames (low temporal density); docs/datasets.md, docs/results.md.
+# any token of the other frames (low temporal density). Measured, it does neither enough to
+# test the pick (docs/results.md, "Transient stains").
 STAIN_SHADE = (0.25, 0.35)
 STAIN_RADII = (6.0, 10.0)
 
