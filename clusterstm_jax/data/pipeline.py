@@ -38,7 +38,8 @@ def default_data_config() -> ml_collections.ConfigDict:
       "name": "shapes",
       "data_dir": os.environ.get("CLUSTERSTM_DATA_DIR", "~/.cache/clusterstm_jax/data"),
       # shapes: 'default' (20000/1000/1000), 'tiny' (512/64/64), and each with transient
-      # distractors: 'distractors', 'tiny_distractors'
+      # distractors: 'distractors', 'tiny_distractors', or transient stains: 'transients',
+      # 'tiny_transients'
       "builder_config": "default",
       "num_frames": 4,
       "image_size": 64,

@@ -1,7 +1,8 @@
 """The procedural "shapes" video-text generator (pure numpy, deterministic from a seed).
 
-Owns: what a synthetic clip is (1-3 coloured shapes moving over a textured background, and in
-the distractor variant 1-2 transient shapes that no text mentions), how it
+Owns: what a synthetic clip is (1-3 coloured shapes moving over a textured background; in
+the distractor variant 1-2 transient shapes that no text mentions; in the transient variant 1-2
+transient "stains", patches of the background a little brighter or darker), how it
 is rendered (frames + per-frame object label maps, vectorised numpy, ~0.5 ms a clip), the text
 that goes with it (caption, question-answer pairs), the splits (eval captions unique, motion-only
 pairs) and the stored bytes of a clip (`render_encoded`). The TFDS builder in
@@ -48,6 +49,13 @@ _SPLIT_CODES = {"train": 0, "val": 1, "validation": 1, "test": 2}
 # Label-map value of distractor pixels: above any object id, so object statistics ignore them.
 DISTRACTOR_LABEL = 255
 MAX_DISTRACTOR_FRAMES = 2
+# Stains (the transient variant): the background inside a circle of radius STAIN_RADII (pixels
+# at 64 px) is scaled in brightness by 1 +- STAIN_SHADE for 1-2 frames. Modest on purpose: the
+# stain should look like background to the teacher (join a background cluster) yet not match
+# any token of the other frames (low temporal density). Measured, it does neither enough to
+# test the pick (docs/results.md, "Transient stains").
+STAIN_SHADE = (0.25, 0.35)
+STAIN_RADII = (6.0, 10.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +82,18 @@ class Distractor:
 
 
 @dataclasses.dataclass(frozen=True)
+class Stain:
+  """The background inside a circle, times `gain`, in frames first..first+frames-1 only (1 or
+  2); in no text, labelled DISTRACTOR_LABEL."""
+  radius: float  # pixels at 64 px, scaled with the frame size
+  cx: float
+  cy: float
+  gain: float
+  first: int
+  frames: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Scene:
   objects: tuple[Obj, ...]  # draw order: later objects occlude earlier ones
   travel: float  # pixels covered by a moving object over the whole clip
@@ -86,6 +106,7 @@ class Scene:
   num_frames: int
   size: int
   distractors: tuple[Distractor, ...] = ()  # drawn under the objects; captions ignore them
+  stains: tuple[Stain, ...] = ()  # on the background, under everything; captions ignore them
 
   def key(self) -> tuple:
     """What the caption says, order-free: two scenes with one key are indistinguishable in text."""
@@ -163,6 +184,29 @@ def add_distractors(scene: Scene, rng: np.random.Generator, max_count: int) -> S
   return dataclasses.replace(scene, distractors=tuple(out))
 
 
+def add_stains(scene: Scene, rng: np.random.Generator, max_count: int,
+               shade: tuple[float, float] = STAIN_SHADE) -> Scene:
+  """`scene` with 1..max_count stains: circles of the background, anywhere, brighter or darker by
+  a factor 1 +- shade (uniform in the range, either sign), in 1-2 consecutive frames."""
+  if max_count < 1:
+    raise ValueError(f"stains per clip must be >= 1, got {max_count}")
+  if not 0 < shade[0] <= shade[1] < 1:
+    raise ValueError(f"stain shade must be a range 0 < lo <= hi < 1, got {shade}")
+  n = int(rng.integers(1, max_count + 1))
+  u = rng.random((n, 6)).tolist()
+  lo_r, hi_r = STAIN_RADII
+  out = []
+  for ur, ux, uy, us, ug, ut in u:
+    frames = 1 + int(us * MAX_DISTRACTOR_FRAMES)
+    r = lo_r + (hi_r - lo_r) * ur
+    span = scene.size - 2 * (r * scene.size / 64.0 + 1)
+    off = r * scene.size / 64.0 + 1
+    m = shade[0] + (shade[1] - shade[0]) * (2 * ug % 1.0)  # ug < 0.5: darker, else brighter
+    out.append(Stain(r, off + span * ux, off + span * uy, 1 - m if ug < 0.5 else 1 + m,
+                     int(ut * (scene.num_frames - frames + 1)), frames))
+  return dataclasses.replace(scene, stains=tuple(out))
+
+
 @functools.lru_cache(maxsize=None)
 def _time_grid(num_frames: int) -> np.ndarray:
   return np.linspace(-0.5, 0.5, num_frames, dtype=np.float32)
@@ -227,9 +271,10 @@ def trajectory(scene: Scene, obj: Obj) -> tuple[np.ndarray, np.ndarray]:
   return obj.cx + mx * scene.travel * t, obj.cy + my * scene.travel * t
 
 
-def _paint(pixels: np.ndarray, labels: np.ndarray, s: int, t: np.ndarray, cx: np.ndarray,
-           cy: np.ndarray, shape: str, r: float, rgb: list[int], label: int) -> None:
-  """Draws `shape` (half-extent r) centred at (cx[i], cy[i]) into frame t[i], for every i."""
+def _inside(s: int, t: np.ndarray, cx: np.ndarray, cy: np.ndarray, shape: str,
+            r: float) -> np.ndarray:
+  """Flat pixel indices (into [T*H*W]) of `shape` (half-extent r) centred at (cx[i], cy[i]) in
+  frame t[i], for every i."""
   # Only a small window around the object in each frame is tested, not the whole frame.
   win = int(np.ceil(2 * r)) + 2
   x0 = np.minimum(np.maximum((cx - r).astype(np.intp) - 1, 0), s - win)  # cx - r > 0
@@ -238,18 +283,31 @@ def _paint(pixels: np.ndarray, labels: np.ndarray, s: int, t: np.ndarray, cx: np
   xs, ys = x0[:, None] + u, y0[:, None] + u  # [T, win] pixel columns / rows
   m = _shape_mask(shape, (xs + 0.5 - cx[:, None])[:, None, :],
                   (ys + 0.5 - cy[:, None])[:, :, None], r)  # [T, win, win]
-  flat = ((t * (s * s))[:, None, None] + ys[:, :, None] * s + xs[:, None, :])[m]
+  return ((t * (s * s))[:, None, None] + ys[:, :, None] * s + xs[:, None, :])[m]
+
+
+def _paint(pixels: np.ndarray, labels: np.ndarray, s: int, t: np.ndarray, cx: np.ndarray,
+           cy: np.ndarray, shape: str, r: float, rgb: list[int], label: int) -> None:
+  """Draws `shape` (half-extent r) centred at (cx[i], cy[i]) into frame t[i], for every i."""
+  flat = _inside(s, t, cx, cy, shape, r)
   labels[flat] = label  # later objects overwrite earlier ones: occlusion
   pixels[flat] = rgb
 
 
 def render_scene(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
   """Frames uint8 [T, H, W, 3] and label maps uint8 [T, H, W] (0 = background, k = k-th drawn
-  object, DISTRACTOR_LABEL = a distractor; distractors are drawn first, under the objects)."""
+  object, DISTRACTOR_LABEL = a distractor or a stain; stains change the background first,
+  then distractors are drawn, then the objects over both)."""
   s, n_t = scene.size, scene.num_frames
   labels = np.zeros(n_t * s * s, np.uint8)
   frames = np.broadcast_to(_background(scene), (n_t, s, s, 3)).copy()
   pixels = frames.reshape(-1, 3)  # a view: scattering into it draws into frames
+  for st in scene.stains:
+    t = np.arange(st.first, st.first + st.frames, dtype=np.intp)
+    pos = np.full(st.frames, st.cx, np.float32), np.full(st.frames, st.cy, np.float32)
+    flat = _inside(s, t, *pos, "circle", st.radius * s / 64.0)
+    pixels[flat] = np.clip(pixels[flat] * np.float32(st.gain) + 0.5, 0, 255).astype(np.uint8)
+    labels[flat] = DISTRACTOR_LABEL
   for d in scene.distractors:
     t = np.arange(d.first, d.first + d.frames, dtype=np.intp)
     pos = np.full(d.frames, d.cx, np.float32), np.full(d.frames, d.cy, np.float32)
@@ -338,17 +396,21 @@ def split_rng(split: str, seed: int) -> np.random.Generator:
 
 
 def split_scenes(split: str, num_examples: int, seed: int, *, num_frames: int = 8, size: int = 64,
-                 pair_fraction: float = 0.5,
-                 distractors: int = 0) -> Iterator[tuple[int, int, Scene]]:
+                 pair_fraction: float = 0.5, distractors: int = 0,
+                 stains: int = 0) -> Iterator[tuple[int, int, Scene]]:
   """Yields (id, pair, scene) for ids 0..n-1; `pair` is the id of the motion-only partner or -1.
 
   Eval splits have unique content keys, hence unique captions: no two clips fit one text.
   Partners have consecutive ids. With distractors > 0, every clip gets 1..distractors transient
   distractors from a stream of their own: the scenes, texts and ids are those of
-  distractors = 0, which stays exactly as it was.
+  distractors = 0, which stays exactly as it was. With stains > 0, likewise 1..stains transient
+  stains (add_stains), from a third stream.
   """
+  if distractors < 0 or stains < 0:
+    raise ValueError(f"distractors and stains per clip must be >= 0, got {distractors}, {stains}")
   rng = split_rng(split, seed)
   distractor_rng = np.random.default_rng([seed, _SPLIT_CODES[split], 1]) if distractors else None
+  stain_rng = np.random.default_rng([seed, _SPLIT_CODES[split], 2]) if stains else None
   unique = split in EVAL_SPLITS
   seen_keys, seen_caps = set(), set()
   i = 0
@@ -371,19 +433,22 @@ def split_scenes(split: str, num_examples: int, seed: int, *, num_frames: int = 
         seen_caps.add(cap)
       if distractor_rng is not None:
         sc = add_distractors(sc, distractor_rng, distractors)
+      if stain_rng is not None:
+        sc = add_stains(sc, stain_rng, stains)
       yield i + j, ((i + 1 - j) if len(group) == 2 else -1), sc
     i += len(group)
 
 
 def generate_split(split: str, num_examples: int, seed: int, *, num_frames: int = 8,
                    size: int = 64, pair_fraction: float = 0.5, distractors: int = 0,
-                   render: bool = True) -> Iterator[dict]:
+                   stains: int = 0, render: bool = True) -> Iterator[dict]:
   """Clips of a split as dicts (see split_scenes) with `id` and `pair` added.
 
   With render=False only text and metadata are made, from the same random stream.
   """
   for i, pair, scene in split_scenes(split, num_examples, seed, num_frames=num_frames, size=size,
-                                     pair_fraction=pair_fraction, distractors=distractors):
+                                     pair_fraction=pair_fraction, distractors=distractors,
+                                     stains=stains):
     ex = describe(scene)
     if render:
       ex["frames"], ex["labels"] = render_scene(scene)

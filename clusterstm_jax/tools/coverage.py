@@ -10,8 +10,9 @@ the figures are pooled over the split (ratios of sums, not means of per-batch ra
   object_coverage      (object, frame) pairs with >= 1 kept token on the object;
   kept_on_objects      kept tokens lying on an object (object_area is its chance level);
   temporal_recurrence  kept positions of frame t also kept at t + 1.
-On data with transient distractors (label 255), a last line gives each strategy's share of kept
-tokens on them against their share of all tokens.
+On data with transient content (label 255: the distractors or stains of shapes' `distractors` /
+`transients` configs), a last line gives each strategy's share of kept tokens on it against its
+share of all tokens.
 
 Also owns what masks.py reuses: `mask_fn` (teacher tokens -> masks of several
 strategies, one jitted call) and `eval_batches` (the test split in fixed-size batches).
@@ -36,7 +37,7 @@ from clusterstm_jax.masking import strategies as masking
 from clusterstm_jax.tasks import base as tasks_base
 
 STRATEGIES = ('clusterstm', 'clusterstm_random_pick', 'tube', 'random')
-DISTRACTOR = 255  # the label of transient distractors (shapes' distractor configs)
+DISTRACTOR = 255  # the label of transient content (shapes' distractor and transient configs)
 COLUMNS = ('object_coverage', 'kept_on_objects', 'temporal_recurrence', 'object_area')
 
 FLAGS = flags.FLAGS

@@ -134,13 +134,15 @@ def test_coverage_cli_prints_the_table(setup):
     assert len(values) == len(coverage.COLUMNS) and all(math.isfinite(v) for v in values)
 
 
-def test_coverage_counts_kept_tokens_on_transient_distractors(setup):
-  """On the distractor variant the tool adds each strategy's share of kept tokens on the
-  distractors; random masking keeps them at about their share of all tokens."""
+@pytest.mark.parametrize('builder_config', ['tiny_distractors', 'tiny_transients'])
+def test_coverage_counts_kept_tokens_on_transient_distractors(setup, builder_config):
+  """On the distractor and the transient (stain) variants the tool adds each strategy's share
+  of kept tokens on the transient content (label 255); random masking keeps it at about its
+  share of all tokens."""
   config, _, _ = setup
   r = subprocess.run(
       [sys.executable, '-m', 'clusterstm_jax.tools.coverage', '--config=configs/pretrain.py:smoke',
-       f'--config.data.data_dir={config.data.data_dir}', '--config.data.builder_config=tiny_distractors',
+       f'--config.data.data_dir={config.data.data_dir}', f'--config.data.builder_config={builder_config}',
        f'--config.teacher.workdir={config.teacher.workdir}', '--num_batches=2',
        '--batch_size=16'], cwd=REPO, capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-2000:]

@@ -37,6 +37,10 @@ class ShapesConfig(tfds.core.BuilderConfig):
   # Transient distractors per clip, at most (0 = none): shapes in 1-2 frames that no text
   # mentions (shapes.add_distractors). The clips' objects, texts and tokenizer do not change.
   distractors: int = 0
+  # Transient stains per clip, at most (0 = none): patches of the background a little brighter
+  # or darker in 1-2 frames (shapes.add_stains), transient content that shares a cluster with
+  # the background. The clips' objects, texts and tokenizer do not change.
+  stains: int = 0
   vocab_size: int = 256
   jpeg_quality: int = 90
   # Render+encode worker processes (None = one per CPU, beside this process that serialises
@@ -67,6 +71,11 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
                    "distractors (in 1-2 frames, in no caption or question).", distractors=2),
       ShapesConfig(name="tiny_distractors", description="The tiny clips with distractors.",
                    num_train=512, num_val=64, num_test=64, distractors=2),
+      ShapesConfig(name="transients", description="The default clips, each with 1-2 transient "
+                   "stains (background a little brighter or darker, in 1-2 frames, in no text).",
+                   stains=2),
+      ShapesConfig(name="tiny_transients", description="The tiny clips with transient stains.",
+                   num_train=512, num_val=64, num_test=64, stains=2),
   ]
 
   def __init__(self, *, file_format: str = "array_record", **kwargs):
@@ -114,7 +123,7 @@ def split_items(cfg: ShapesConfig, split: str) -> Iterator[tuple[int, int, shape
   num = {"train": cfg.num_train, "val": cfg.num_val, "test": cfg.num_test}[split]
   return shapes.split_scenes(split, num, cfg.seed, num_frames=cfg.num_frames,
                              size=cfg.image_size, pair_fraction=cfg.pair_fraction,
-                             distractors=cfg.distractors)
+                             distractors=cfg.distractors, stains=cfg.stains)
 
 
 def _ordered_map(fn: Callable, items: Iterable, arg: Callable, workers: int,
