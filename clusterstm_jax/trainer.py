@@ -32,6 +32,14 @@ def make_optimizer(config, total_steps: int, warmup_steps: int):
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=o.lr, warmup_steps=warmup,
       decay_steps=max(total_steps, warmup + 1), end_value=o.lr * o.min_lr_ratio)
+  tune_steps, tune_lr = config.get('unmasked_steps', 0), float(o.get('unmasked_lr', 0.0))
+  if tune_steps > 0 and tune_lr > 0:
+    # FLIP's unmasked tuning is a schedule of its own: the main cosine has all but ended when
+    # the last steps start (lr ~ lr * min_lr_ratio: the all-token features could not move),
+    # so those steps restart at unmasked_lr and decay by a cosine over themselves.
+    schedule = optax.join_schedules(
+        [schedule, optax.cosine_decay_schedule(tune_lr, tune_steps, alpha=o.min_lr_ratio)],
+        [total_steps - tune_steps])
   # No weight decay on biases, norms, the temperature and position tables of rank < 2.
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
   parts = [optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.wd, mask=decay_mask)]

@@ -38,6 +38,9 @@ def training_config(config: ml_collections.ConfigDict) -> None:
   # Update scale of single-element parameters (temperature, logit bias); trainer.make_optimizer.
   config.optax.scalar_lr_mult = 1.0
   config.optax.min_lr_ratio = 0.01  # cosine decays to lr * min_lr_ratio
+  # Peak lr of the unmasked tuning steps (config.unmasked_steps), a cosine of their own; 0 = they
+  # take the main schedule's tail (trainer.make_optimizer).
+  config.optax.unmasked_lr = 0.0
 
   # A tuple (not a list) so that --config.mesh='(("data", 1), ("fsdp", -1), ("tensor", 1))' works.
   config.mesh = (('data', -1), ('fsdp', 1), ('tensor', 1))
