@@ -74,7 +74,7 @@ POOLED_SPLITS = ('val', 'test')
 RUN_FILE = 'ablate_run.json'
 # Fields that change how a run is logged, saved or read, not what it computes: they may differ
 # when a sweep is resumed (e.g. the data moved to another disk). halt_at_step is ablate's own.
-BOOKKEEPING = ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
+BOOKKEEPING = ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints', 'keep_period',
                'async_checkpointing', 'halt_at_step', 'eval_batch_size', 'data.data_dir',
                'data.worker_count', 'data.worker_buffer_size', 'data.prefetch',
                'data.read_threads', 'data.read_buffer_size', 'teacher.workdir')
@@ -101,6 +101,9 @@ def run_config(base, variant: str, seed_offset: int, steps: int, tune_steps: int
   config.total_examples = -1
   config.unmasked_steps = tune_steps
   config.halt_at_step = -1
+  # The checkpoint at the end of the masked steps is never deleted (keep_checkpoints would drop
+  # it once the tuning saves twice): the tuning can be redone from it, e.g. with another lr.
+  config.keep_period = steps
   return config
 
 

@@ -80,6 +80,7 @@ def test_run_configs_of_one_seed_differ_only_in_the_variant():
     fp = ablate.fingerprint(c)
     assert {k for k in ref if fp[k] != ref[k]} <= {'mask.strategy', 'loss_weights.mrm'}, v
     assert c.teacher.workdir == '/t/tiny_distractors'
+    assert c.keep_period == 5  # the masked steps' last checkpoint stays for a re-tuning
 
 
 class FakeTraining:
