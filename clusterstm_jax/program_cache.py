@@ -14,7 +14,7 @@ less its loop-only fields, the schedule's step counts, tokenizer ids, the models
 the shapes, dtypes and shardings of the arguments. A missing or unreadable file is traced
 again (and rewritten); files are written to a temporary name and renamed, so a reader never
 sees half of one. Only steps of the form (state, ...) -> (state, {name: array}) are kept; the
-state is donated as in the jitted step.
+state is donated as in the jitted step. A step that cannot be exported runs uncached (a warning).
 """
 from __future__ import annotations
 
@@ -142,6 +142,8 @@ class ProgramCache:
         key = self.key(name, leaves)
         programs[sig] = under(lambda: self._load_or_export(name, key, jitted, treedef, leaves))()
       call, metric_names = programs[sig]
+      if call is None:  # this program could not be exported: the jitted step, as without cache
+        return under(lambda: jitted(state, *rest))()
       state_treedef = jax.tree.structure(state)
       out = under(lambda: call(*leaves))()
       n = state_treedef.num_leaves
@@ -167,7 +169,14 @@ class ProgramCache:
                         path, e)
         exported = None
     if exported is None:
-      exported, metric_names = self._export(jitted, treedef, leaves, num_state)
+      try:
+        exported, metric_names = self._export(jitted, treedef, leaves, num_state)
+      except Exception as e:  # pylint: disable=broad-except
+        # The cache only saves time: a program jax.export cannot serialise (e.g. a custom call
+        # without a stability guarantee) runs as the plain jitted step, traced on every start.
+        logging.warning('step program %s cannot be exported (%s: %s): running it uncached', name,
+                        type(e).__name__, e)
+        return None, None
       self._write(path, meta_path, exported, metric_names)
     # The new state keeps the shardings of the state given, so the next step finds this
     # program again; metrics are replicated.

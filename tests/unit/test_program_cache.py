@@ -121,3 +121,19 @@ def test_an_unreadable_program_is_traced_again_and_rewritten(parts, tmp_path, ca
   assert 'unreadable' in caplog.text and 'tracing it again' in caplog.text
   assert path.read_bytes() != b'not a program'  # rewritten whole
   assert not list(directory.glob('.*.tmp'))
+
+
+def test_a_step_that_cannot_be_exported_runs_uncached(parts, tmp_path, monkeypatch, caplog):
+  _, _, _, probe, batch = parts
+  want, _, _ = _two_steps(probe, batch)
+
+  def refuse(*a, **k):
+    raise ValueError('custom call without a stability guarantee')
+
+  monkeypatch.setattr(jax.export, 'export', refuse)
+  directory = tmp_path / 'programs'
+  with caplog.at_level(py_logging.WARNING):
+    losses, _, _ = _two_steps(_build(parts, str(directory)), batch)
+  np.testing.assert_allclose(losses, want, rtol=1e-6)
+  assert 'cannot be exported' in caplog.text and 'running it uncached' in caplog.text
+  assert not directory.exists() or not list(directory.iterdir())
