@@ -21,8 +21,9 @@ decides the init (jax.random.key(seed); the variants share one parameter tree), 
 VTM negatives, MLM), so differences between variants at one seed are the variants' own.
 
 One run: --steps masked steps, then --tune_steps unmasked steps (every token, no teacher; FLIP /
-UMT's unmasked tuning), one cosine schedule over both (total_steps = steps + tune_steps,
-unmasked_steps = tune_steps). The run halts at the end of the masked steps; its checkpoint there
+UMT's unmasked tuning; total_steps = steps + tune_steps, unmasked_steps = tune_steps; the
+tuning steps restart at config.optax.unmasked_lr on a cosine of their own, or with 0 take the
+main cosine's tail). The run halts at the end of the masked steps; its checkpoint there
 is evaluated ('before'), then it resumes through the tuning steps and is evaluated again
 ('after'). Each evaluation ranks every query of the val and test splits (zero-shot, contrastive)
 and stores the per-query ranks, which the tables pool (tools/ablate_stats.py).
@@ -258,6 +259,7 @@ def run_sweep(base, out_dir: str, *, variants: list[str], num_seeds: int, steps:
       'datasets': datasets, 'masked_steps': steps, 'tune_steps': tune_steps,
       'batch_size': first.batch_size, 'mask_ratio': first.mask.ratio,
       'mrm_weight': base.loss_weights.mrm, 'seeds': seeds, 'reference': REFERENCE,
+      'unmasked_lr': float(base.optax.get('unmasked_lr', 0.0)),
       'splits': [x for x in POOLED_SPLITS if x in have] or [first.data.eval_split],
       'command': command,
   }

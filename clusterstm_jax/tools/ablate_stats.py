@@ -109,8 +109,9 @@ def format_markdown(summary: dict) -> str:
   lines = [
       '# Ablation: zero-shot retrieval R@1 (%), val + test queries pooled',
       '',
-      f"{s['masked_steps']} masked steps, then {s['tune_steps']} unmasked tuning steps (one "
-      f"cosine schedule over both); batch {s['batch_size']}, mask ratio {s['mask_ratio']}, seeds "
+      f"{s['masked_steps']} masked steps, then {s['tune_steps']} unmasked tuning steps ("
+      + (f"their own cosine from lr {s['unmasked_lr']:g}" if s.get('unmasked_lr') else
+         "one cosine schedule over both") + f"); batch {s['batch_size']}, mask ratio {s['mask_ratio']}, seeds "
       f"{s['seeds']} (each seed: the same init, data order and step randomness for every "
       f"variant); splits {'+'.join(s['splits'])}; one teacher per dataset.",
   ] + ([f"Command: `{s['command']}`"] if s['command'] else []) + [
