@@ -18,8 +18,10 @@ from jax.sharding import Mesh
 from configs import finetune_caption, finetune_qa, finetune_retrieval, pretrain
 from clusterstm_jax import config_lib
 from clusterstm_jax import sharding as sharding_lib
+from clusterstm_jax import teacher as teacher_lib
 from clusterstm_jax import trainer as trainer_lib
 from clusterstm_jax.data.builders import shapes as shapes_builder
+from clusterstm_jax.tasks import siglip as siglip_task
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -152,6 +154,17 @@ def flat(tree):
   """{'a/b/c': leaf} of a pytree of dicts."""
   return {"/".join(str(getattr(p, "key", p)) for p in path): x
           for path, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def random_teacher(mesh, vocab_size: int, seed: int = 1) -> teacher_lib.Teacher:
+  """The smoke teacher (configs/teacher.py:smoke) with random weights, replicated on `mesh`."""
+  tconfig = config_lib.load_config_file('configs/teacher.py:smoke')
+  tmodel = siglip_task.make_model(tconfig, vocab_size)
+  tparams = nn.unbox(jax.jit(lambda r: tmodel.init(r, *siglip_task.init_inputs(tconfig)))(
+      jax.random.key(seed))['params'])
+  repl = sharding_lib.replicated(mesh)
+  return teacher_lib.Teacher(model=tmodel, params=jax.device_put(tparams, repl),
+                             param_shardings=jax.tree.map(lambda _: repl, tparams))
 
 
 def random_bert(vocab_size: int, hidden: int, layers: int, heads: int, mlp: int, positions: int):

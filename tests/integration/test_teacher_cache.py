@@ -3,7 +3,6 @@ teacher: the cached step's loss is the live step's, a killed pass resumes, proce
 shards, and a resumed loader reads the same views."""
 import os
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -15,7 +14,6 @@ from clusterstm_jax import teacher as teacher_lib
 from clusterstm_jax import trainer as trainer_lib
 from clusterstm_jax.data import pipeline
 from clusterstm_jax.data import teacher_cache as cache_lib
-from clusterstm_jax.tasks import siglip as siglip_task
 from clusterstm_jax.tools import teacher_cache as tool
 from tests import helpers
 
@@ -27,14 +25,8 @@ N = 16  # examples: one batch of the smoke config
 @pytest.fixture(scope='module')
 def setup(shared_smoke, tmp_path_factory):
   config = shared_smoke.config()
-  tconfig = config_lib.load_config_file('configs/teacher.py:smoke')
   mesh = sharding_lib.make_mesh(config.mesh)
-  tmodel = siglip_task.make_model(tconfig, helpers.SHAPES_VOCAB)
-  tparams = nn.unbox(jax.jit(lambda r: tmodel.init(r, *siglip_task.init_inputs(tconfig)))(
-      jax.random.key(1))['params'])
-  repl = sharding_lib.replicated(mesh)
-  teacher = teacher_lib.Teacher(model=tmodel, params=jax.device_put(tparams, repl),
-                                param_shardings=jax.tree.map(lambda _: repl, tparams))
+  teacher = helpers.random_teacher(mesh, helpers.SHAPES_VOCAB)
   train = pipeline.train_source(config.data, 'captions', announce=False)
   source = [train[j] for j in range(N)]
   tokenizer = pipeline.get_tokenizer(config.data)

@@ -1,6 +1,5 @@
 """The memory policy: gradient accumulation over micro-batches (what equals the full batch and
 what does not), rematerialisation (same gradients) and the bf16 compute dtype (f32 params)."""
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +10,7 @@ from clusterstm_jax import sharding as sharding_lib
 from clusterstm_jax import teacher as teacher_lib
 from clusterstm_jax import trainer as trainer_lib
 from clusterstm_jax.tasks import base as tasks_base
-from clusterstm_jax.tasks import siglip as siglip_task
+from tests import helpers
 
 pytestmark = pytest.mark.unit
 
@@ -29,14 +28,8 @@ def _config(**overrides):
 @pytest.fixture(scope='module')
 def parts():
   config = _config()
-  tconfig = config_lib.load_config_file('configs/teacher.py:smoke')
   mesh = sharding_lib.make_mesh(config.mesh)
-  tmodel = siglip_task.make_model(tconfig, VOCAB)
-  tparams = nn.unbox(jax.jit(lambda r: tmodel.init(r, *siglip_task.init_inputs(tconfig)))(
-      jax.random.key(1))['params'])
-  repl = sharding_lib.replicated(mesh)
-  teacher = teacher_lib.Teacher(model=tmodel, params=jax.device_put(tparams, repl),
-                                param_shardings=jax.tree.map(lambda _: repl, tparams))
+  teacher = helpers.random_teacher(mesh, VOCAB)
   rng = np.random.default_rng(0)
   batch = tasks_base.video_batch(config, BATCH)
   batch['video'] = rng.integers(0, 256, batch['video'].shape, dtype=np.uint8)

@@ -4,7 +4,6 @@ depends on."""
 import logging as py_logging
 import os
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -12,9 +11,8 @@ import pytest
 from clusterstm_jax import config_lib
 from clusterstm_jax import program_cache
 from clusterstm_jax import sharding as sharding_lib
-from clusterstm_jax import teacher as teacher_lib
 from clusterstm_jax import trainer as trainer_lib
-from clusterstm_jax.tasks import siglip as siglip_task
+from tests import helpers
 
 pytestmark = pytest.mark.unit
 
@@ -24,14 +22,8 @@ VOCAB = 64
 @pytest.fixture(scope='module')
 def parts():
   config = config_lib.load_config_file('configs/pretrain.py:smoke').copy_and_resolve_references()
-  tconfig = config_lib.load_config_file('configs/teacher.py:smoke')
   mesh = sharding_lib.make_mesh(config.mesh)
-  tmodel = siglip_task.make_model(tconfig, VOCAB)
-  tparams = nn.unbox(jax.jit(lambda r: tmodel.init(r, *siglip_task.init_inputs(tconfig)))(
-      jax.random.key(1))['params'])
-  repl = sharding_lib.replicated(mesh)
-  teacher = teacher_lib.Teacher(model=tmodel, params=jax.device_put(tparams, repl),
-                                param_shardings=jax.tree.map(lambda _: repl, tparams))
+  teacher = helpers.random_teacher(mesh, VOCAB)
   rng = np.random.default_rng(0)
   probe = trainer_lib.build_trainer(config, mesh=mesh, total_steps=4, warmup_steps=1,
                                     teacher=teacher, vocab_size=VOCAB)

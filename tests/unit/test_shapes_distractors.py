@@ -92,10 +92,15 @@ def test_distractor_streams_are_deterministic():
   assert [s.distractors for s in a] == [s.distractors for s in b]
 
 
-def test_built_distractor_dataset_has_its_own_dir(tmp_path):
-  builder, model_path = shapes_builder.ensure_shapes(str(tmp_path), 'tiny_distractors')
-  assert 'tiny_distractors' in builder.data_dir and model_path.startswith(builder.data_dir)
+@pytest.mark.parametrize('name', ['tiny_distractors', 'tiny_transients'])
+def test_built_transient_variant_has_its_own_dir(tmp_path, name):
+  """Both transient variants (distractor shapes, background stains) build into their own dir
+  with label-255 pixels, and keep the default clips' ids and captions."""
+  builder, model_path = shapes_builder.ensure_shapes(str(tmp_path), name)
+  assert name in builder.data_dir and model_path.startswith(builder.data_dir)
   ex = builder.as_data_source('val')[0]
   strip = video_io.decode_label_strip(ex['labels'], len(ex['frames']))
   assert (strip == shapes.DISTRACTOR_LABEL).any()
   assert int(ex['id']) == 0
+  plain = list(shapes.generate_split('val', 1, seed=0, render=False))[0]
+  assert ex['caption'].decode() == plain['caption']

@@ -5,7 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from clusterstm_jax.data import shapes, video_io
+from clusterstm_jax.data import shapes
 from clusterstm_jax.data.builders import shapes as shapes_builder
 
 pytestmark = pytest.mark.unit
@@ -91,14 +91,3 @@ def test_bad_stain_arguments_are_one_line_errors(kwargs, message):
   with pytest.raises(ValueError, match='must be >= 0') as e:
     next(shapes.split_scenes('val', 2, 0, stains=-1))
   assert '\n' not in str(e.value)
-
-
-def test_built_transient_dataset_has_its_own_dir(tmp_path):
-  builder, model_path = shapes_builder.ensure_shapes(str(tmp_path), 'tiny_transients')
-  assert 'tiny_transients' in builder.data_dir and model_path.startswith(builder.data_dir)
-  ex = builder.as_data_source('val')[0]
-  strip = video_io.decode_label_strip(ex['labels'], len(ex['frames']))
-  assert (strip == shapes.DISTRACTOR_LABEL).any()
-  assert int(ex['id']) == 0
-  plain = list(shapes.generate_split('val', 1, seed=0, render=False))[0]
-  assert ex['caption'].decode() == plain['caption']

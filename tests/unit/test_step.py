@@ -1,5 +1,4 @@
 """The ClusterSTM train step: the frozen teacher is never trained, and unmasked tuning."""
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,8 +8,7 @@ import pytest
 from clusterstm_jax import config_lib
 from clusterstm_jax import sharding as sharding_lib
 from clusterstm_jax import trainer as trainer_lib
-from clusterstm_jax.tasks import siglip as siglip_task
-from clusterstm_jax import teacher as teacher_lib
+from tests import helpers
 
 pytestmark = pytest.mark.unit
 
@@ -23,15 +21,8 @@ def setup():
   config.unlock()
   config.unmasked_steps = 1
   config.lock()
-  tconfig = config_lib.load_config_file('configs/teacher.py:smoke')
   mesh = sharding_lib.make_mesh(config.mesh)
-  tmodel = siglip_task.make_model(tconfig, VOCAB)
-  tparams = jax.jit(lambda r: tmodel.init(r, *siglip_task.init_inputs(tconfig)))(
-      jax.random.key(1))['params']
-  tparams = nn.unbox(tparams)
-  repl = sharding_lib.replicated(mesh)
-  teacher = teacher_lib.Teacher(model=tmodel, params=jax.device_put(tparams, repl),
-                                param_shardings=jax.tree.map(lambda _: repl, tparams))
+  teacher = helpers.random_teacher(mesh, VOCAB)
   trainer = trainer_lib.build_trainer(config, mesh=mesh, total_steps=4, warmup_steps=1,
                                    teacher=teacher, vocab_size=VOCAB)
   rng = np.random.default_rng(0)
