@@ -7,6 +7,7 @@ once here, with typed defaults, so every config reads them the same way (big_vis
 from __future__ import annotations
 
 import ast
+import json
 import math
 from typing import Any
 
@@ -207,6 +208,21 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
     raise ConfigError(str(e)) from e
   if image_size % patch:
     raise ConfigError(f'data.image_size={image_size} is not a multiple of model.patch_size={patch}')
+
+
+def flat_fields(config: ml_collections.ConfigDict, exclude=()) -> dict[str, Any]:
+  """The config as {dotted name: JSON value}, without the names in `exclude` (the fingerprint
+  of a run: tools/ablate.py, program_cache.py)."""
+  out = {}
+
+  def walk(prefix, node):
+    for k, v in node.items():
+      if isinstance(v, dict):
+        walk(f'{prefix}{k}.', v)
+      elif prefix + k not in exclude:
+        out[prefix + k] = v
+  walk('', json.loads(config.to_json_best_effort(sort_keys=True)))
+  return out
 
 
 def with_overrides(config: ml_collections.ConfigDict, **overrides: Any) -> ml_collections.ConfigDict:

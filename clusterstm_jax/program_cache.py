@@ -33,6 +33,8 @@ import optax
 from absl import logging
 from etils import epath
 
+from clusterstm_jax import config_lib
+
 SUFFIX = '.exported'
 # Config fields that never reach a step program: changing them must not re-trace.
 # (The seed reaches a step only through its arguments: the state and the base key.)
@@ -69,19 +71,7 @@ def _versions() -> dict:
 
 def config_fingerprint(config) -> dict:
   """The config as a flat {dotted name: value} without LOOP_ONLY_FIELDS."""
-  flat = {}
-
-  def walk(prefix, node):
-    for k, v in node.items():
-      name = f'{prefix}{k}'
-      if name in LOOP_ONLY_FIELDS:
-        continue
-      if hasattr(v, 'items'):
-        walk(name + '.', v)
-      else:
-        flat[name] = v
-  walk('', config.to_dict() if hasattr(config, 'to_dict') else config)
-  return flat
+  return config_lib.flat_fields(config, LOOP_ONLY_FIELDS)
 
 
 def stable_repr(obj) -> str:
@@ -132,7 +122,8 @@ class ProgramCache:
   def wrap(self, name: str, jitted: Callable, *, under: Callable = lambda f: f) -> Callable:
     """(state, *rest) -> (state, metrics) like `jitted` (a jax.jit of such a step that
     donates its state), served from this cache. `under` wraps each call (e.g. a mesh context)."""
-    # (treedef, leaf shapes, dtypes, shardings) -> (jitted call of the program, metric names)
+    # (treedef, leaf shapes, dtypes, shardings) -> (jitted call of the program or None,
+    # metric names, the state's treedef)
     programs: dict = {}
 
     def step(state, *rest):
@@ -140,11 +131,11 @@ class ProgramCache:
       sig = (treedef, tuple((x.shape, x.dtype, _sharding_key(x)) for x in leaves))
       if sig not in programs:
         key = self.key(name, leaves)
-        programs[sig] = under(lambda: self._load_or_export(name, key, jitted, treedef, leaves))()
-      call, metric_names = programs[sig]
+        programs[sig] = (*under(lambda: self._load_or_export(name, key, jitted, treedef,
+                                                             leaves))(), jax.tree.structure(state))
+      call, metric_names, state_treedef = programs[sig]
       if call is None:  # this program could not be exported: the jitted step, as without cache
         return under(lambda: jitted(state, *rest))()
-      state_treedef = jax.tree.structure(state)
       out = under(lambda: call(*leaves))()
       n = state_treedef.num_leaves
       return (jax.tree.unflatten(state_treedef, out[:n]), dict(zip(metric_names, out[n:])))

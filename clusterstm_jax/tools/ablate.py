@@ -50,6 +50,7 @@ import ml_collections
 import numpy as np
 
 from clusterstm_jax import cli
+from clusterstm_jax import config_lib
 from clusterstm_jax import evaluators
 from clusterstm_jax import loading
 from clusterstm_jax import loop
@@ -108,20 +109,9 @@ def run_config(base, variant: str, seed_offset: int, steps: int, tune_steps: int
   return config
 
 
-def _flatten(d: dict, prefix: str = '') -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f'{prefix}{k}.'))
-    else:
-      out[prefix + k] = v
-  return out
-
-
 def fingerprint(config) -> dict:
   """The run's config as flat JSON values, without the bookkeeping fields."""
-  flat = _flatten(json.loads(config.to_json_best_effort(sort_keys=True)))
-  return {k: v for k, v in flat.items() if k not in BOOKKEEPING}
+  return config_lib.flat_fields(config, BOOKKEEPING)
 
 
 def _write_json(path: str, value) -> None:
