@@ -3,7 +3,7 @@ evaluated before and after unmasked tuning; paired differences with bootstrap in
 
   python -m clusterstm_jax.tools.ablate --config=configs/pretrain.py --out=DIR \
       [--datasets=default,distractors] [--seeds=3] [--steps=N] [--tune_steps=K] \
-      [--variants=clusterstm,random,...] [--config.x=y ...]
+      [--variants=clusterstm,random,...] [--tables_only] [--config.x=y ...]
 
 Variants (same config, same mask ratio, same step budget, the same teacher per dataset):
   clusterstm              cluster-wise masking, temporal-density pick (the method; the reference)
@@ -36,6 +36,11 @@ live in DIR/teachers/<dataset>/ (trained by the first run of each dataset, then 
 Order is seed-major (every dataset and variant for seed 0, then seed 1, ...), so a sweep stopped
 early still compares all variants. After every run DIR/ablation.md and DIR/ablation.json are
 rewritten. Compiled programs are kept in DIR/jax_cache (--nocompile_cache: off).
+
+A finished run's three JSON files are all the tables need (tens of KB; docs/ablation/ holds the
+documented sweep's): copied into another DIR with the same layout, the sweep command with
+--tables_only rewrites the tables there and trains nothing, and without it continues with the
+runs not there (e.g. more seeds), reusing the copied ones.
 """
 from __future__ import annotations
 
@@ -125,22 +130,30 @@ def _read_json(path: str):
     return json.load(f)
 
 
+def check_fingerprint(config, workdir: str) -> bool:
+  """False when the workdir has no fingerprint; raises when it holds another config's."""
+  stored_path = os.path.join(workdir, RUN_FILE)
+  if not os.path.exists(stored_path):
+    return False
+  have, want = _read_json(stored_path), fingerprint(config)
+  diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+  if diff:
+    shown = ', '.join(f'{k}: {have.get(k)!r} -> {want.get(k)!r}' for k in diff[:3])
+    raise UserError(f'{workdir} was trained with other settings ({shown}); use a new --out '
+                    'or the same settings')
+  return True
+
+
 def claim_workdir(config, workdir: str) -> None:
   """Records the run's fingerprint in a new workdir, or checks it against the stored one."""
   stored_path = os.path.join(workdir, RUN_FILE)
-  want = fingerprint(config)
-  if os.path.exists(stored_path):
-    have = _read_json(stored_path)
-    diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
-    if diff:
-      shown = ', '.join(f'{k}: {have.get(k)!r} -> {want.get(k)!r}' for k in diff[:3])
-      raise UserError(f'{workdir} was trained with other settings ({shown}); use a new --out '
-                      'or the same settings')
-  elif os.path.isdir(workdir) and os.listdir(workdir):
+  if check_fingerprint(config, workdir):
+    return
+  if os.path.isdir(workdir) and os.listdir(workdir):
     raise UserError(f'{workdir} exists but was not made by ablate (no {RUN_FILE}); use a new --out')
   else:
     os.makedirs(workdir, exist_ok=True)
-    _write_json(stored_path, want)
+    _write_json(stored_path, fingerprint(config))
 
 
 def query_ranks(config, workdir: str, step: int) -> dict:
@@ -170,13 +183,22 @@ def query_ranks(config, workdir: str, step: int) -> dict:
   return out
 
 
+def read_finished(config, workdir: str) -> dict | None:
+  """A finished run's {'before', 'after'} evaluations (its fingerprint checked), else None."""
+  paths = [os.path.join(workdir, f'{x}.json') for x in stats.STAGES]
+  if not os.path.exists(paths[-1]) or not check_fingerprint(config, workdir):
+    return None
+  return {stage: _read_json(path) for stage, path in zip(stats.STAGES, paths)}
+
+
 def run_one(config, workdir: str, steps: int) -> dict:
   """Trains, evaluates, tunes and evaluates one run (or resumes it, or reuses it);
   returns {'before': evaluation, 'after': evaluation}. `config` is run_config's."""
   claim_workdir(config, workdir)
+  finished = read_finished(config, workdir)  # after.json is written last
+  if finished is not None:
+    return finished
   before_path, after_path = (os.path.join(workdir, f'{x}.json') for x in stats.STAGES)
-  if os.path.exists(after_path):  # written last: the run is complete
-    return {'before': _read_json(before_path), 'after': _read_json(after_path)}
   if not os.path.exists(before_path):
     masked = config.copy_and_resolve_references()
     masked.halt_at_step = steps  # saves a checkpoint at `steps` and returns
@@ -216,9 +238,9 @@ def _summary(setup: dict, runs: dict, variants: list[str]) -> dict:
 
 def run_sweep(base, out_dir: str, *, variants: list[str], num_seeds: int, steps: int,
               tune_steps: int, datasets: list[str] | None = None, command: str = '',
-              compile_cache: bool = True) -> dict:
+              compile_cache: bool = True, tables_only: bool = False) -> dict:
   """Runs every (seed, dataset, variant) in `out_dir`, seed-major; returns the summary
-  (ablation.json)."""
+  (ablation.json). tables_only: trains nothing, tabulates the finished runs there."""
   if num_seeds < 1:
     raise UserError(f'--seeds={num_seeds} must be at least 1')
   if steps < 1 or tune_steps < 1:
@@ -239,8 +261,10 @@ def run_sweep(base, out_dir: str, *, variants: list[str], num_seeds: int, steps:
                     'signal (SIGTERM/SIGINT save a checkpoint) and rerun the command to resume')
   for d in datasets:  # before any training: a misspelt dataset fails now
     checks.split_names(run_config(base, REFERENCE, 0, steps, tune_steps, d).data)
+  if tables_only and not os.path.isdir(out_dir):
+    raise UserError(f'--tables_only: {out_dir} does not exist')
   os.makedirs(out_dir, exist_ok=True)
-  if compile_cache:
+  if compile_cache and not tables_only:
     use_compile_cache(os.path.join(out_dir, 'jax_cache'))
   seeds = [base.seed + i for i in range(num_seeds)]
   first = run_config(base, REFERENCE, 0, steps, tune_steps, datasets[0])
@@ -254,20 +278,31 @@ def run_sweep(base, out_dir: str, *, variants: list[str], num_seeds: int, steps:
       'command': command,
   }
   runs: dict = {}  # dataset -> variant -> seed -> {'before', 'after'}
+  unfinished = []
   for i, seed in enumerate(seeds):
     for d in datasets:
       teacher_dir = os.path.join(out_dir, 'teachers', d)
       for v in variants:
         workdir = os.path.join(out_dir, d, v, f'seed{seed}')
+        config = run_config(base, v, i, steps, tune_steps, d, teacher_dir)
+        if tables_only:
+          result = read_finished(config, workdir)
+          if result is None:
+            unfinished.append(workdir)
+          else:
+            runs.setdefault(d, {}).setdefault(v, {})[seed] = result
+          continue
         t0 = time.perf_counter()
         print(f'\n=== ablate: {d} {v} seed {seed} -> {workdir}', flush=True)
-        config = run_config(base, v, i, steps, tune_steps, d, teacher_dir)
         result = run_one(config, workdir, steps)
         runs.setdefault(d, {}).setdefault(v, {})[seed] = result
         print(f'=== ablate: {d} {v} seed {seed} done in {time.perf_counter() - t0:.0f}s: ' +
               ', '.join(f'{st} {x} R@1 {stats.recall(stats.pooled_ranks(result[st], x)):.1f}'
                         for st in stats.STAGES for x in stats.DIRECTIONS), flush=True)
         write_tables(out_dir, _summary(setup, runs, variants))
+  if unfinished:
+    print(f'--tables_only: {len(unfinished)} of {len(seeds) * len(datasets) * len(variants)} '
+          f'runs not finished, left out of the tables: {", ".join(unfinished)}', flush=True)
   summary = _summary(setup, runs, variants)
   print('\n' + write_tables(out_dir, summary))
   return summary
@@ -286,15 +321,19 @@ def define_flags() -> None:
   flags.DEFINE_integer('steps', 160, 'Masked training steps of every run.')
   flags.DEFINE_integer('tune_steps', 20, 'Unmasked tuning steps after them (>= 1).')
   flags.DEFINE_list('variants', list(VARIANTS), f'Subset of {",".join(VARIANTS)}.')
+  flags.DEFINE_bool('tables_only', False, 'Train nothing: rewrite DIR/ablation.md and '
+                    '.json from the runs finished there (the others are counted and left out).')
   flags.DEFINE_bool('compile_cache', True, 'Keep compiled programs in DIR/jax_cache so that '
                     'runs after the first of each variant skip compilation.')
 
 
 def main() -> None:
-  command = ' '.join(['python -m clusterstm_jax.tools.ablate'] + sys.argv[1:])
+  # The command that trains the sweep (a --tables_only rerun records the same one).
+  command = ' '.join(['python -m clusterstm_jax.tools.ablate'] +
+                     [a for a in sys.argv[1:] if a not in ('--tables_only', '--tables_only=true')])
   run_sweep(FLAGS.config, FLAGS.out, variants=FLAGS.variants, num_seeds=FLAGS.seeds,
             steps=FLAGS.steps, tune_steps=FLAGS.tune_steps, datasets=FLAGS.datasets,
-            compile_cache=FLAGS.compile_cache, command=command)
+            compile_cache=FLAGS.compile_cache, command=command, tables_only=FLAGS.tables_only)
 
 
 if __name__ == '__main__':

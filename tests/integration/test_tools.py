@@ -254,3 +254,9 @@ def test_ablate_cli_runs_stages_and_a_rerun_trains_nothing(tmp_path):
   assert again.returncode == 0, again.stderr[-3000:]
   assert 'Training the teacher' not in again.stdout and 'Zero-shot' not in again.stdout
   assert (out / 'ablation.md').read_text() == md
+  # --tables_only rewrites the same tables (the training command recorded in them) from the runs.
+  (out / 'ablation.md').unlink()
+  tables = subprocess.run(cmd + ['--tables_only'], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+  assert tables.returncode == 0, tables.stderr[-3000:]
+  assert (out / 'ablation.md').read_text() == md

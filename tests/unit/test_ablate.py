@@ -2,6 +2,7 @@
 bookkeeping, with fake training runs (the real short path is in tests/integration/test_tools.py)."""
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -189,3 +190,35 @@ def test_variants_of_one_seed_start_from_the_same_parameters():
     assert len(other) == len(ref)
     assert all(np.array_equal(a, b) for a, b in zip(ref, other)), variant
   assert not all(np.array_equal(a, b) for a, b in zip(ref, jax.tree.leaves(init('clusterstm', 1))))
+
+
+def test_tables_only_tabulates_copied_finished_runs_and_trains_nothing(tmp_path, monkeypatch,
+                                                                      capsys):
+  """The three JSON files of each finished run, copied into a new directory, give the same
+  tables without training; unfinished runs are counted and left out; other settings refused."""
+  FakeTraining(monkeypatch)
+  full = _sweep(tmp_path / 'sweep')
+  copy = tmp_path / 'copy'
+  for path in (tmp_path / 'sweep').rglob('*.json'):
+    rel = path.relative_to(tmp_path / 'sweep')
+    if path.name in (ablate.RUN_FILE, 'before.json', 'after.json') and 'seed1' not in str(rel):
+      (copy / rel).parent.mkdir(parents=True, exist_ok=True)
+      shutil.copy(path, copy / rel)
+  fake = FakeTraining(monkeypatch)
+  capsys.readouterr()
+  summary = _sweep(copy, tables_only=True)
+  assert fake.calls == []
+  assert '4 of 8 runs not finished' in capsys.readouterr().out
+  assert not (copy / 'jax_cache').exists()
+  for d in ('tiny', 'tiny_distractors'):
+    got = summary['datasets'][d]['random']
+    assert got['seeds_done'] == [0]
+    assert got['r1']['after/t2v']['per_seed'] == {
+        '0': full['datasets'][d]['random']['r1']['after/t2v']['per_seed']['0']}
+  assert '## tiny_distractors' in (copy / 'ablation.md').read_text()
+  with pytest.raises(UserError, match='other settings'):
+    ablate.run_sweep(pretrain.get_config('smoke'), str(copy), variants=['clusterstm'],
+                     num_seeds=1, steps=4, tune_steps=1, datasets=['tiny'],
+                     compile_cache=False, tables_only=True)
+  with pytest.raises(UserError, match='does not exist'):
+    _sweep(tmp_path / 'nope', tables_only=True)
