@@ -183,22 +183,33 @@ def query_ranks(config, workdir: str, step: int) -> dict:
   return out
 
 
-def read_finished(config, workdir: str) -> dict | None:
-  """A finished run's {'before', 'after'} evaluations (its fingerprint checked), else None."""
-  paths = [os.path.join(workdir, f'{x}.json') for x in stats.STAGES]
-  if not os.path.exists(paths[-1]) or not check_fingerprint(config, workdir):
+def _stage_paths(workdir: str) -> list[str]:
+  return [os.path.join(workdir, f'{x}.json') for x in stats.STAGES]
+
+
+def _read_stages(workdir: str) -> dict | None:
+  """{'before', 'after'} evaluations when the run finished (after.json is written last)."""
+  paths = _stage_paths(workdir)
+  if not os.path.exists(paths[-1]):
     return None
   return {stage: _read_json(path) for stage, path in zip(stats.STAGES, paths)}
+
+
+def read_finished(config, workdir: str) -> dict | None:
+  """A finished run's evaluations (its fingerprint checked), else None."""
+  if not check_fingerprint(config, workdir):
+    return None
+  return _read_stages(workdir)
 
 
 def run_one(config, workdir: str, steps: int) -> dict:
   """Trains, evaluates, tunes and evaluates one run (or resumes it, or reuses it);
   returns {'before': evaluation, 'after': evaluation}. `config` is run_config's."""
-  claim_workdir(config, workdir)
-  finished = read_finished(config, workdir)  # after.json is written last
+  claim_workdir(config, workdir)  # checks the fingerprint once
+  finished = _read_stages(workdir)
   if finished is not None:
     return finished
-  before_path, after_path = (os.path.join(workdir, f'{x}.json') for x in stats.STAGES)
+  before_path, after_path = _stage_paths(workdir)
   if not os.path.exists(before_path):
     masked = config.copy_and_resolve_references()
     masked.halt_at_step = steps  # saves a checkpoint at `steps` and returns
